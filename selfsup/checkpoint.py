@@ -1,0 +1,238 @@
+"""The one checkpoint format between stages: ``NAME.safetensors`` plus a ``NAME.json`` sidecar.
+
+The sidecar (:class:`CheckpointMeta`) says how to rebuild the model (backbone spec), what it
+expects as input (image size, normalization), what it predicts (classes), who made it (stage,
+resolved config, library versions) and the SHA-256 of the weights file, so a sidecar cannot be
+paired with the wrong weights and caches can key on the content. See docs/checkpoint-format.md.
+
+Files are written atomically (temporary file in the same folder, fsync, rename): a kill during a
+save leaves the previous checkpoint intact. Weights are never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from torch import nn
+
+from selfsup.errors import UsageError
+from selfsup.models import BackboneSpec, create_backbone, is_vit
+
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+    try:
+        from importlib.metadata import version
+
+        versions["selfsup"] = version("selfsup")
+    except Exception:  # running from a source tree that was not installed
+        versions["selfsup"] = "unknown"
+    return versions
+
+
+@dataclass
+class CheckpointMeta:
+    """The JSON sidecar. ``backbone`` is a :class:`BackboneSpec` as a dict."""
+
+    backbone: dict[str, Any]
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    stage: str
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return BackboneSpec.from_dict(self.backbone)
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return weights_path(path).with_suffix(".json")
+
+
+def weights_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta) -> Path:
+    """Save tensors and sidecar; returns the ``.safetensors`` path. Weights first, then the sidecar."""
+    target = weights_path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    payload = st_save(tensors, metadata={"format": "pt", "selfsup_format": str(FORMAT_VERSION)})
+    meta.weights_sha256 = hashlib.sha256(payload).hexdigest()
+    atomic_write_bytes(target, payload)
+    atomic_write_bytes(sidecar_path(target), json.dumps(asdict(meta), indent=2).encode())
+    return target
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise UsageError(
+            f"no checkpoint sidecar at {side}: a selfsup checkpoint is NAME.safetensors plus NAME.json "
+            "(written by pretrain/finetune); check the --checkpoint path"
+        )
+    try:
+        data = json.loads(side.read_text())
+        meta = CheckpointMeta(**data)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise UsageError(f"checkpoint sidecar {side} is not a selfsup sidecar ({err})") from None
+    if meta.format_version > FORMAT_VERSION:
+        raise UsageError(f"{side} has format version {meta.format_version}; upgrade selfsup to read it")
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """Tensors and sidecar of a checkpoint; the sidecar's SHA-256 must match the weights."""
+    target = weights_path(path)
+    meta = read_meta(target)
+    if not target.is_file():
+        raise UsageError(f"checkpoint weights {target} are missing (the sidecar {sidecar_path(target)} exists)")
+    payload = target.read_bytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    if meta.weights_sha256 and digest != meta.weights_sha256:
+        raise UsageError(
+            f"{target} does not match its sidecar (SHA-256 {digest[:12]} != {meta.weights_sha256[:12]}); "
+            "the files come from different saves: re-export the checkpoint"
+        )
+    try:
+        state = st_load(payload)
+    except SafetensorError as err:
+        raise UsageError(f"{target} is not a valid safetensors file ({err})") from None
+    return state, meta
+
+
+def content_hash(path: str | Path) -> str:
+    """The weights' SHA-256 as recorded in the sidecar (used as a cache key)."""
+    meta = read_meta(path)
+    if meta.weights_sha256:
+        return meta.weights_sha256
+    return hashlib.sha256(weights_path(path).read_bytes()).hexdigest()
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Resample a ViT's position and patch embeddings to ``model``'s grid and patch size (timm helpers)."""
+    if not is_vit(model):
+        return state
+    state = dict(state)
+    own = model.state_dict()
+    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        old_tokens = state["pos_embed"].shape[1] - prefix
+        old_side = int(round(old_tokens**0.5))
+        if old_side * old_side == old_tokens:
+            state["pos_embed"] = resample_abs_pos_embed(
+                state["pos_embed"],
+                new_size=list(model.patch_embed.grid_size),
+                old_size=[old_side, old_side],
+                num_prefix_tokens=prefix,
+            )
+    key = "patch_embed.proj.weight"
+    if key in state and state[key].shape[-2:] != own[key].shape[-2:] and state[key].shape[:2] == own[key].shape[:2]:
+        state[key] = resample_patch_embed(state[key], new_size=list(own[key].shape[-2:]))
+    return state
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str, allow_missing: tuple[str, ...] = ()) -> None:
+    """``load_state_dict`` that reports missing/unexpected keys and shape mismatches in one error.
+
+    ``allow_missing`` lists key prefixes the caller will initialise itself (e.g. a new ``head.``).
+    """
+    own = model.state_dict()
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape
+    ]
+    missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or missing or unexpected:
+        parts = []
+        for label, keys in (("shape mismatches", mismatched), ("missing keys", missing), ("unexpected keys", unexpected)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+                parts.append(f"{len(keys)} {label}: {shown}")
+        raise UsageError(f"{source} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+
+
+def load_backbone(
+    path: str | Path,
+    *,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    num_classes: int = 0,
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the backbone recorded in a checkpoint and load its weights.
+
+    Pass ``img_size``/``patch_size`` to get the model at another resolution: the position and
+    patch embeddings are resampled. ``num_classes > 0`` adds a fresh classifier head; a head stored
+    in the checkpoint is kept when its size matches.
+    """
+    state, meta = load_checkpoint(path)
+    spec = meta.spec
+    if img_size is not None:
+        spec.img_size = img_size
+    if patch_size is not None:
+        spec.patch_size = patch_size
+    model = create_backbone(spec, num_classes=num_classes)
+    state = adapt_state_dict(state, model)
+    own = model.state_dict()
+    head_keys = [k for k in state if k.startswith("head.")]
+    if num_classes == 0 or any(state[k].shape != own.get(k, state[k]).shape for k in head_keys):
+        for k in head_keys:  # a backbone is asked for, or the classifier's size changed
+            state.pop(k)
+    load_state_checked(model, state, str(weights_path(path)), allow_missing=("head.",))
+    meta.img_size = spec.img_size
+    meta.backbone = spec.to_dict()
+    return model, meta

@@ -1,0 +1,144 @@
+"""Backbones by name through ``timm.create_model``, with the MoCo v3 ViT specifics as options.
+
+MoCo v3 (Chen, Xie & He, 2021, "An Empirical Study of Training Self-Supervised Vision
+Transformers") changes three things in a standard ViT, each an option here:
+
+* a fixed 2-D sin-cos position embedding instead of a learned one (``pos_embed="sincos"``);
+* ViT-S with 12 heads instead of timm's 6 (``num_heads=12``, see :data:`MOCO_V3_ARCHS`);
+* a random, frozen patch projection (``frozen_patch_embed=True``).
+
+Backbones are created without a classifier (``num_classes=0``) unless asked; stages add heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import timm
+import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from torch import nn
+
+from selfsup.errors import UsageError
+
+PosEmbed = Literal["learned", "sincos"]
+
+# Short names for the MoCo v3 architectures (official code: vits.py). ViT-S uses 12 heads there.
+MOCO_V3_ARCHS: dict[str, dict[str, Any]] = {
+    "moco_vit_small": {"arch": "vit_small_patch16_224", "num_heads": 12},
+    "moco_vit_base": {"arch": "vit_base_patch16_224"},
+    "moco_vit_tiny": {"arch": "vit_tiny_patch16_224"},  # CPU-sized: 192 wide, 3 heads
+}
+
+
+@dataclass
+class BackboneSpec:
+    """Everything needed to rebuild a backbone; recorded in every checkpoint's sidecar.
+
+    ``arch`` is any ``timm`` model name or a key of :data:`MOCO_V3_ARCHS`. ``img_size`` and
+    ``patch_size`` apply to ViTs (e.g. 32 and 4 for CIFAR-sized images). ``extra`` is passed to
+    ``timm.create_model`` unchanged (e.g. ``{"depth": 6}`` for a shallower ViT).
+    """
+
+    arch: str = "moco_vit_small"
+    img_size: int = 224
+    patch_size: int | None = None
+    num_heads: int | None = None
+    pos_embed: PosEmbed = "sincos"
+    frozen_patch_embed: bool = False
+    drop_path_rate: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
+        return cls(**data)
+
+
+def is_vit(model: nn.Module) -> bool:
+    return hasattr(model, "patch_embed") and hasattr(model, "blocks")
+
+
+def _timm_kwargs(spec: BackboneSpec) -> tuple[str, dict[str, Any]]:
+    alias = MOCO_V3_ARCHS.get(spec.arch, {})
+    name = alias.get("arch", spec.arch)
+    kwargs: dict[str, Any] = {k: v for k, v in alias.items() if k != "arch"}
+    if name.startswith(("vit_", "deit_")) or "vit" in name:
+        kwargs["img_size"] = spec.img_size
+        if spec.patch_size is not None:
+            kwargs["patch_size"] = spec.patch_size
+    if spec.num_heads is not None:
+        kwargs["num_heads"] = spec.num_heads
+    if spec.drop_path_rate:
+        kwargs["drop_path_rate"] = spec.drop_path_rate
+    kwargs.update(spec.extra)
+    return name, kwargs
+
+
+def create_backbone(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
+    """Build ``spec`` at random initialisation (weights come from selfsup checkpoints, never a hub)."""
+    name, kwargs = _timm_kwargs(spec)
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        raise UsageError(
+            f"unknown architecture '{spec.arch}': not a timm model name nor one of "
+            f"{', '.join(MOCO_V3_ARCHS)}" + (f" (similar: {', '.join(close)})" if close else "")
+        )
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise UsageError(f"architecture '{name}' does not accept these options {kwargs}: {err}") from None
+    if is_vit(model):
+        if spec.pos_embed == "sincos":
+            set_sincos_pos_embed(model)
+        if spec.frozen_patch_embed:
+            freeze_patch_embed(model)
+    elif spec.pos_embed == "sincos" and spec.arch in MOCO_V3_ARCHS:
+        raise UsageError(f"pos_embed=sincos needs a ViT, '{spec.arch}' is not one")
+    return model
+
+
+def sincos_pos_embed(grid_size: tuple[int, int], dim: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """MoCo v3's fixed 2-D sin-cos embedding, shape (1, prefix + H*W, dim), zeros for prefix tokens.
+
+    Per token at (row, col): [sin(row·w), cos(row·w), sin(col·w), cos(col·w)] with
+    w_i = 10000^(-i / (dim/4)). timm's builder produces exactly this order with
+    ``interleave_sin_cos=True`` (checked against the formula in the tests).
+    """
+    grid = build_sincos2d_pos_embed(list(grid_size), dim=dim, temperature=10000.0, interleave_sin_cos=True)
+    prefix = torch.zeros(num_prefix_tokens, dim)
+    return torch.cat([prefix, grid], dim=0).unsqueeze(0)
+
+
+def set_sincos_pos_embed(model: nn.Module) -> None:
+    """Replace a timm ViT's learned position embedding by the fixed sin-cos one (no gradient)."""
+    pos = model.pos_embed
+    grid = model.patch_embed.grid_size
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    with torch.no_grad():
+        pos.copy_(sincos_pos_embed(grid, pos.shape[-1], prefix))
+    pos.requires_grad_(False)
+
+
+def freeze_patch_embed(model: nn.Module) -> None:
+    """MoCo v3's random patch projection: Xavier-uniform over the flattened kernel, then frozen.
+
+    Freezing the projection was the paper's fix for training instability (Sec. 4.2).
+    """
+    proj = model.patch_embed.proj
+    fan = proj.weight.shape[1] * proj.weight.shape[2] * proj.weight.shape[3] + proj.weight.shape[0]
+    bound = math.sqrt(6.0 / fan)
+    with torch.no_grad():
+        nn.init.uniform_(proj.weight, -bound, bound)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+    for p in proj.parameters():
+        p.requires_grad_(False)
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(model.num_features)

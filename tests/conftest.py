@@ -1,0 +1,30 @@
+"""Shared fixtures: the repository root and the CIFAR-10 subset from ../shared (skipped when absent)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TAR = REPO.parent / "shared" / "data" / "cifar10-20k.tar.gz"
+SHARED_SHA256 = "722f0d9a64512df0c87ecc79d1daba7eb097184265ebb9b051600c27ebcd56b9"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def cifar10_subset(tmp_path_factory) -> Path:
+    """../shared/data/cifar10-20k.tar.gz extracted once per session; the test is skipped without it."""
+    if not SHARED_TAR.is_file():
+        pytest.skip(f"{SHARED_TAR} is absent (only the project's machines have ../shared)")
+    digest = hashlib.sha256(SHARED_TAR.read_bytes()).hexdigest()
+    assert digest == SHARED_SHA256, f"{SHARED_TAR} has an unexpected SHA-256"
+    target = tmp_path_factory.mktemp("shared")
+    with tarfile.open(SHARED_TAR) as tar:
+        tar.extractall(target, filter="data")
+    return target / "cifar10-20k"

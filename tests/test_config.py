@@ -1,0 +1,56 @@
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from selfsup.config import load_config, save_config
+from selfsup.errors import UsageError
+
+
+@dataclass
+class Optim:
+    lr: float = 1.5e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclass
+class Run:
+    epochs: int = 10
+    dataset: str = "digits"
+    amp: bool = False
+    optim: Optim = field(default_factory=Optim)
+    note: str | None = None
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 3\noptim:\n  lr: 0.01\n")
+    cfg = load_config(Run, path, ["optim.lr=1e-3", "amp=true", "optim.betas=0.8,0.9"])
+    assert cfg.epochs == 3 and cfg.optim.lr == pytest.approx(1e-3) and cfg.amp is True
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.dataset == "digits"
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    with pytest.raises(UsageError, match=r"unknown config key 'epoch' \(did you mean 'epochs'\?\)"):
+        load_config(Run, None, ["epoch=3"])
+    with pytest.raises(UsageError, match=r"'optim.lrr' \(did you mean 'lr'\?\)"):
+        load_config(Run, None, ["optim.lrr=3"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(UsageError, match="config key 'epochs' expects an integer"):
+        load_config(Run, None, ["epochs=ten"])
+    with pytest.raises(UsageError, match="config key 'amp' expects true or false"):
+        load_config(Run, None, ["amp=3"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(Run, None, ["epochs=7", "note=hello"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["epochs"] == 7
+    assert load_config(Run, tmp_path / "config.yaml") == cfg
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_config(Run, tmp_path / "nope.yaml")
