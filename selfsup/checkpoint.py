@@ -12,6 +12,7 @@ save leaves the previous checkpoint intact. Weights are never unpickled.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import platform
@@ -171,7 +172,7 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
         prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
         old_tokens = state["pos_embed"].shape[1] - prefix
-        old_side = int(round(old_tokens**0.5))
+        old_side = math.isqrt(old_tokens)
         if old_side * old_side == old_tokens:
             state["pos_embed"] = resample_abs_pos_embed(
                 state["pos_embed"],
