@@ -12,8 +12,8 @@ save leaves the previous checkpoint intact. Weights are never unpickled.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
 import platform
 import tempfile
