@@ -13,8 +13,8 @@ What happens to the sample is the caller's choice:
 
 from __future__ import annotations
 
-import os
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +32,8 @@ class CorruptLog:
     """Append-only record of unreadable files, shared by DataLoader workers through the file system."""
 
     def __init__(self, path: str | Path | None = None):
-        if path is None:
-            fd, path = tempfile.mkstemp(prefix="selfsup-corrupt-", suffix=".tsv")
-            os.close(fd)
+        if path is None:  # the file appears only when the first corrupt image is met
+            path = Path(tempfile.gettempdir()) / f"selfsup-corrupt-{uuid.uuid4().hex}.tsv"
         self.path = Path(path)
 
     def add(self, file: str, reason: str) -> None:

@@ -123,3 +123,11 @@ def test_shared_cifar10_subset_loads_through_imagefolder(cifar10_subset):
     assert np.bincount(class_targets(val)).tolist() == [200] * 10
     image, label = val[0]
     assert image.size == (32, 32) and label == class_targets(val)[0]
+
+
+def test_data_cli_describes_a_dataset(capsys):
+    from selfsup.datacli import main
+
+    main(["digits"])
+    out = capsys.readouterr().out
+    assert "digits [train]: 1437 images, 10 classes present" in out and "digits [val]: 360 images" in out

@@ -1,0 +1,67 @@
+"""Frozen features of a whole dataset: batched, bf16 autocast on GPU, sharded across processes.
+
+Under ``accelerate launch`` every process reads its shard of the (unshuffled) dataset and
+``Accelerator.gather_for_metrics`` reassembles the full set in dataset order, dropping the samples
+the sampler duplicated to even out the last batch. A single process needs no launcher.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from selfsup.features import extract
+from selfsup.imagefolder import collate_skip_none
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """``auto`` is bf16 on GPU and fp32 elsewhere (CPU bf16 is a benchmark option, not a default)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    dataset,
+    kind: str = "cls",
+    *,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    precision: str = "auto",
+    accelerator=None,
+    desc: str = "features",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, labels (N,) int64) of every sample of ``dataset``, in order."""
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=False,
+    )
+    loader = accelerator.prepare_data_loader(loader)
+    model = model.eval().to(accelerator.device)
+    dtype = autocast_dtype(accelerator.device, precision)
+    feats, labels = [], []
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process, leave=False)
+    for images, targets in bar:
+        images = images.to(accelerator.device, non_blocking=True)
+        with torch.autocast(accelerator.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = extract(model, images, kind)
+        out, targets = accelerator.gather_for_metrics((out.float(), targets.to(accelerator.device)))
+        feats.append(out.cpu())
+        labels.append(targets.cpu())
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
+    return torch.cat(feats).numpy(), torch.cat(labels).long().numpy()

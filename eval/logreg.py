@@ -1,0 +1,105 @@
+"""Linear probe by L2-regularised logistic regression on frozen features (the CLIP protocol).
+
+Radford et al. (2021), "Learning Transferable Visual Models From Natural Language Supervision",
+Appendix A.3: scikit-learn's L-BFGS logistic regression, the inverse regularisation strength C
+chosen on a validation split carved from the training data by a log-space sweep, then the model
+refit on train + validation with that C. Features are standardised (fit on the training data)
+first, so one C range suits every backbone. Deterministic: a fixed split and a deterministic solver.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from selfsup.errors import UsageError
+
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 4, 9))
+
+
+@dataclass
+class LogRegConfig:
+    """Defaults: CLIP's protocol with a coarser sweep (CLIP: 96 steps from 1e-6 to 1e6)."""
+
+    cs: tuple[float, ...] = DEFAULT_CS
+    val_fraction: float = 0.2
+    max_iter: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class LinearProbeResult:
+    top1: float  # percent
+    top5: float
+    predictions: np.ndarray  # (n_test,)
+    details: dict = field(default_factory=dict)  # protocol-specific: chosen C, sweep, losses
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of class ``scores`` (n, len(classes)) against ``labels``."""
+    order = np.argsort(-scores, axis=1)[:, :5]
+    top = classes[order]
+    top1 = 100.0 * float(np.mean(top[:, 0] == labels))
+    top5 = 100.0 * float(np.mean((top == labels[:, None]).any(axis=1)))
+    return top1, top5
+
+
+def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    counts = np.bincount(labels - labels.min())
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    n_val = max(int(round(fraction * len(labels))), len(np.unique(labels)) if stratify is not None else 1)
+    if n_val >= len(labels):
+        return idx, idx  # too few samples to hold any out: select C on the training data itself
+    train, val = train_test_split(idx, test_size=n_val, stratify=stratify, random_state=seed)
+    return np.sort(train), np.sort(val)
+
+
+def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, init=None):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, warm_start=init is not None)
+    if init is not None:  # continue from the previous C's solution: the sweep is a path
+        clf.coef_, clf.intercept_, clf.classes_ = init.coef_.copy(), init.intercept_.copy(), init.classes_
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return clf.fit(x, y)
+
+
+def logreg_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    config: LogRegConfig | None = None,
+) -> LinearProbeResult:
+    """Fit the probe on (train_x, train_y) and score it on (test_x, test_y)."""
+    from sklearn.preprocessing import StandardScaler
+
+    config = config or LogRegConfig()
+    train_x = np.asarray(train_x, dtype=np.float64)
+    test_x = np.asarray(test_x, dtype=np.float64)
+    train_y, test_y = np.asarray(train_y, dtype=np.int64), np.asarray(test_y, dtype=np.int64)
+    if not (np.isfinite(train_x).all() and np.isfinite(test_x).all()):
+        raise UsageError("features contain NaN or inf: the backbone diverged or the checkpoint is broken")
+    classes = np.unique(train_y)
+    if len(classes) == 1:  # nothing to separate: every prediction is the one class
+        preds = np.full(len(test_y), classes[0])
+        top1 = 100.0 * float(np.mean(preds == test_y))
+        return LinearProbeResult(top1, top1, preds, {"C": None, "note": "single class"})
+    scaler = StandardScaler().fit(train_x)
+    x, xt = scaler.transform(train_x), scaler.transform(test_x)
+    fit_idx, val_idx = _split(train_y, config.val_fraction, config.seed)
+    sweep, model = {}, None
+    for c in sorted(config.cs):
+        model = _fit(x[fit_idx], train_y[fit_idx], c, config.max_iter, model)
+        sweep[c] = 100.0 * float(np.mean(model.predict(x[val_idx]) == train_y[val_idx]))
+    best_c = max(sweep, key=lambda c: (sweep[c], -abs(np.log10(c))))  # ties: the least extreme C
+    final = _fit(x, train_y, best_c, config.max_iter)
+    top1, top5 = topk_accuracy(final.predict_proba(xt), test_y, final.classes_)
+    return LinearProbeResult(top1, top5, final.predict(xt), {"protocol": "sklearn", "C": best_c, "val_top1_by_C": sweep})

@@ -1,0 +1,113 @@
+"""The report's figures as PNG files (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+MAX_CONFUSION_CLASSES = 100
+MAX_EMBEDDING_POINTS = 5000
+
+
+def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (true class, predicted class)."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)), 1)
+    return matrix
+
+
+def per_class_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Percent correct per class; NaN for classes absent from ``labels``."""
+    matrix = confusion(labels, predictions, num_classes)
+    totals = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, 100.0 * np.diag(matrix) / np.maximum(totals, 1), np.nan)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, path: Path) -> Path:
+    """Row-normalised confusion matrix; class names on the axes up to 30 classes."""
+    n = matrix.shape[0]
+    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.25 * n, 14)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_k(curves: dict[str, dict[int, float]], path: Path) -> Path:
+    """kNN top-1 against k, one line per model."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        ks = sorted(points)
+        ax.plot(ks, [points[k] for k in ks], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("k (neighbours)")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def embed_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates by UMAP when installed, else PCA; returns (coords, method)."""
+    x = np.asarray(features, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # the geometry kNN sees
+    if len(x) >= 20:
+        try:
+            import umap
+
+            return umap.UMAP(n_components=2, random_state=seed, metric="cosine").fit_transform(x), "UMAP"
+        except ImportError:
+            pass
+    from sklearn.decomposition import PCA
+
+    if len(x) < 2 or x.shape[1] < 2:
+        return np.zeros((len(x), 2), np.float32), "none"
+    return PCA(n_components=2, random_state=seed).fit_transform(x), "PCA"
+
+
+def plot_embedding(
+    features: np.ndarray, labels: np.ndarray, class_names: Sequence[str], title: str, path: Path, seed: int = 0
+) -> tuple[Path, str]:
+    """Scatter of (a subsample of) test features in 2-D, coloured by class."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(labels))
+    if len(idx) > MAX_EMBEDDING_POINTS:
+        idx = np.sort(rng.choice(idx, MAX_EMBEDDING_POINTS, replace=False))
+    coords, method = embed_2d(np.asarray(features)[idx], seed)
+    labels = np.asarray(labels)[idx]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20" if len(class_names) <= 20 else "nipy_spectral")
+    colours = labels / max(len(class_names) - 1, 1) if len(class_names) > 20 else labels
+    ax.scatter(coords[:, 0], coords[:, 1], c=colours, cmap=cmap, s=6, alpha=0.8, vmin=0,
+               vmax=1 if len(class_names) > 20 else cmap.N - 1)
+    if len(class_names) <= 20:
+        for c, name in enumerate(class_names):
+            ax.scatter([], [], color=cmap(c), label=name, s=12)
+        ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=2 if len(class_names) > 10 else 1)
+    ax.set_title(f"{title} ({method} of test features)", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _save(fig, path), method
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
