@@ -37,7 +37,7 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 @dataclass
 class CachedFeatures:
-    features: np.ndarray  # (N, D) float32, memory-mapped when read from the cache
+    features: np.ndarray  # (N, D) float32, memory-mapped (copy-on-write) when read from the cache
     labels: np.ndarray  # (N,) int64
     info: dict[str, Any]
 
@@ -57,7 +57,7 @@ class FeatureCache:
             return None
         try:
             info = json.loads((folder / "info.json").read_text())
-            features = np.load(folder / "features.npy", mmap_mode="r")
+            features = np.load(folder / "features.npy", mmap_mode="c")  # copy-on-write: writable, no copy
             labels = np.load(folder / "labels.npy")
         except (OSError, ValueError):
             return None  # unreadable entry: recompute and overwrite

@@ -35,6 +35,7 @@ def extract_features(
     precision: str = "auto",
     accelerator=None,
     desc: str = "features",
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, labels (N,) int64) of every sample of ``dataset``, in order."""
     if accelerator is None:
@@ -54,7 +55,7 @@ def extract_features(
     model = model.eval().to(accelerator.device)
     dtype = autocast_dtype(accelerator.device, precision)
     feats, labels = [], []
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process, leave=False)
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not (progress and accelerator.is_local_main_process), leave=False)
     for images, targets in bar:
         images = images.to(accelerator.device, non_blocking=True)
         with torch.autocast(accelerator.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from selfsup.eval.logreg import LinearProbeResult, topk_accuracy
 from torch import nn
 
 from selfsup.errors import UsageError
-from selfsup.eval.logreg import LinearProbeResult, topk_accuracy
 
 
 @dataclass

@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 MAX_CONFUSION_CLASSES = 100
 MAX_EMBEDDING_POINTS = 5000
@@ -50,9 +50,11 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, p
 def plot_accuracy_vs_k(curves: dict[str, dict[int, float]], path: Path) -> Path:
     """kNN top-1 against k, one line per model."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in curves.items():
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]  # overlapping curves stay visible
+    for i, (name, points) in enumerate(curves.items()):
         ks = sorted(points)
-        ax.plot(ks, [points[k] for k in ks], marker="o", label=name)
+        marker, line = styles[i % len(styles)]
+        ax.plot(ks, [points[k] for k in ks], marker=marker, linestyle=line, label=name, alpha=0.85)
     ax.set_xscale("log")
     ax.set_xlabel("k (neighbours)")
     ax.set_ylabel("kNN top-1 (%)")

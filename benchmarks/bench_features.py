@@ -1,0 +1,54 @@
+"""Feature-extraction throughput of a ViT-S/16 at 224 px: fp32 vs bf16 autocast, through ``extract_features``.
+
+    .venv/bin/python benchmarks/bench_features.py                 # CPU, 128 images, batch 32
+    .venv/bin/python benchmarks/bench_features.py --images 512 --batch-size 128 --feature cls_last4
+
+Images are random tensors already at 224 px, so the figure is the model's throughput, not JPEG
+decoding. On GPU, ``--precision auto`` is bf16; on CPU bf16 autocast is opt-in (``--precision bf16``)
+and pays off only where the CPU has bf16 instructions (AVX512-BF16 / AMX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from selfsup.eval.extract import extract_features
+from torch.utils.data import TensorDataset
+
+from selfsup.models import BackboneSpec, create_backbone
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="vit_small_patch16_224")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--images", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--feature", default="cls")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = create_backbone(BackboneSpec(args.arch, img_size=args.img_size, pos_embed="learned")).eval()
+    data = TensorDataset(torch.randn(args.images, 3, args.img_size, args.img_size), torch.zeros(args.images, dtype=torch.long))
+    warm = TensorDataset(data.tensors[0][: args.batch_size], data.tensors[1][: args.batch_size])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{args.arch} at {args.img_size} px on {device}, {torch.get_num_threads()} threads, "
+          f"{args.images} images, batch {args.batch_size}, feature {args.feature}")
+    rates, outputs = {}, {}
+    for precision in ("fp32", "bf16"):
+        extract_features(model, warm, args.feature, batch_size=args.batch_size, num_workers=0, precision=precision, progress=False)
+        start = time.perf_counter()
+        feats, _ = extract_features(model, data, args.feature, batch_size=args.batch_size, num_workers=0, precision=precision, progress=False)
+        seconds = time.perf_counter() - start
+        rates[precision], outputs[precision] = args.images / seconds, feats
+        print(f"  {precision}: {rates[precision]:7.1f} images/s ({seconds:.1f} s)")
+    cos = np.sum(outputs["fp32"] * outputs["bf16"], 1) / (
+        np.linalg.norm(outputs["fp32"], axis=1) * np.linalg.norm(outputs["bf16"], axis=1))
+    print(f"  bf16 / fp32 throughput: {rates['bf16'] / rates['fp32']:.2f}x; "
+          f"feature cosine similarity bf16 vs fp32: min {cos.min():.4f}, mean {cos.mean():.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""``probe``: evaluate frozen backbones (kNN and linear probes) and write a report.
+
+    probe --checkpoint runs/demo/pretrain/backbone.safetensors --compare-random-init --dataset digits
+    probe --checkpoint a.safetensors --checkpoint b.safetensors --dataset cifar100 --method knn
+    probe --model vit_small_patch16_224 --random-init --dataset cifar10 --img-size 224
+
+Trailing ``key=value`` overrides reach any config field (``linear_head.epochs=30``,
+``data.synthetic_size=64``); ``--config FILE`` reads a YAML file first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from selfsup.eval.probe import ProbeConfig, run_probe
+
+from selfsup.config import load_config
+from selfsup.errors import UsageError, exits_cleanly
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _words(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="probe", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--checkpoint", dest="checkpoints", action="append", help="backbone .safetensors (repeatable)")
+    p.add_argument("--model", dest="models", action="append", help="timm model name, evaluated at random init (repeatable)")
+    p.add_argument("--random-init", action="store_true", help="required with --model: weights are never downloaded")
+    p.add_argument("--compare-random-init", action="store_true", default=None,
+                   help="add each checkpoint's architecture at random init as a baseline row")
+    p.add_argument("--dataset", help="a registered dataset name or imagefolder:<path> (default cifar100)")
+    p.add_argument("--data-root")
+    p.add_argument("--download", action="store_true", default=None)
+    p.add_argument("--val-fraction", type=float, help="validation share carved from imagefolder trees without val/")
+    p.add_argument("--method", dest="methods", type=_words, help="knn,linear (default both)")
+    p.add_argument("--feature", help="cls | patch_mean | cls_last4")
+    p.add_argument("--ks", type=_ints, help="kNN k values, e.g. 10,20,100,200")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--knn-backend", choices=["auto", "faiss-gpu", "faiss-cpu", "torch"])
+    p.add_argument("--linear-protocol", choices=["sklearn", "torch"])
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--seed", type=int, help="seed of random-init baselines")
+    p.add_argument("--cache-dir", help="feature cache (default $SELFSUP_CACHE/features or ~/.cache/selfsup/features)")
+    p.add_argument("--no-cache", action="store_true", default=None)
+    p.add_argument("--out", help="report folder (default runs/probe)")
+    p.add_argument("--config", help="YAML file of ProbeConfig fields, read before the flags")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p
+
+
+def config_from_args(argv: list[str] | None) -> ProbeConfig:
+    args = build_parser().parse_args(argv)
+    if args.models and not args.random_init:
+        raise UsageError("--model evaluates an architecture at random initialisation: add --random-init "
+                         "(trained weights come only from --checkpoint)")
+    config = load_config(ProbeConfig, args.config, args.overrides)
+    flags = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("config", "overrides", "random_init", "data_root", "download", "val_fraction")}
+    config = dataclasses.replace(config, **flags)
+    if args.data_root is not None:
+        config.data.root = args.data_root
+    if args.download:
+        config.data.download = True
+    if args.val_fraction is not None:
+        config.data.val_fraction = args.val_fraction
+    return config
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    config = config_from_args(argv)
+    metrics = run_probe(config)
+    for m in metrics["models"]:
+        knn = ", ".join(f"k={k} {v['top1']:.2f}" for k, v in m.get("knn", {}).items())
+        linear = f"linear {m['linear']['top1']:.2f}" if "linear" in m else ""
+        print(f"{m['name']}: " + "; ".join(part for part in (f"kNN top-1 {knn}" if knn else "", linear) if part))
+    if config.out:
+        print(f"report: {config.out}/report.html (metrics.json, report.md)")
+    else:
+        json.dump(metrics, sys.stdout, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""``run_probe``: frozen features of each model (cached), then kNN and linear probes, then a report.
+
+The protocols are pure functions over arrays (:mod:`selfsup.eval.knn`, :mod:`selfsup.eval.logreg`,
+:mod:`selfsup.eval.linear_head`); this module wires sources, the dataset registry, the cache and
+the report together. The CLI (``probe``) is a thin layer over :func:`run_probe`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from selfsup.eval.cache import FeatureCache, cache_key, default_cache_dir
+from selfsup.eval.extract import autocast_dtype, extract_features
+from selfsup.eval.knn import DEFAULT_KS, knn_classify
+from selfsup.eval.linear_head import LinearHeadConfig, train_linear_head
+from selfsup.eval.logreg import LogRegConfig, logreg_probe
+from selfsup.eval.sources import Source, from_checkpoint, from_model_name, random_init_twin, unique_names
+
+from selfsup.data import DataOptions, DatasetInfo, build_dataset
+from selfsup.errors import UsageError
+from selfsup.features import check_feature_kind
+from selfsup.imagefolder import report_corrupt
+from selfsup.transforms import eval_transform
+
+METHODS = ("knn", "linear")
+
+
+@dataclass
+class ProbeConfig:
+    """One evaluation run. kNN: DINO (k in 10/20/100/200, T=0.07); linear: CLIP (sklearn) or MoCo v3 (torch)."""
+
+    dataset: str = "cifar100"
+    checkpoints: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # timm names, evaluated at random init
+    compare_random_init: bool = False
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    feature: str = "cls"
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
+    temperature: float = 0.07
+    knn_backend: Literal["auto", "faiss-gpu", "faiss-cpu", "torch"] = "auto"
+    linear_protocol: Literal["sklearn", "torch"] = "sklearn"
+    logreg: LogRegConfig = field(default_factory=LogRegConfig)
+    linear_head: LinearHeadConfig = field(default_factory=LinearHeadConfig)
+    img_size: int | None = None
+    patch_size: int | None = None
+    batch_size: int = 256
+    num_workers: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0  # random-init baselines
+    cache_dir: str | None = None  # None: $SELFSUP_CACHE/features or ~/.cache/selfsup/features
+    no_cache: bool = False
+    data: DataOptions = field(default_factory=DataOptions)
+    out: str | None = "runs/probe"
+
+
+@dataclass
+class ModelRun:
+    """One model's features, labels and protocol outputs (arrays for the report's figures)."""
+
+    source: Source
+    test_features: np.ndarray
+    test_labels: np.ndarray
+    metrics: dict[str, Any]
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _sources(config: ProbeConfig) -> list[Source]:
+    sources: list[Source] = []
+    for path in config.checkpoints:
+        src = from_checkpoint(path, config.img_size, config.patch_size)
+        sources.append(src)
+        if config.compare_random_init:
+            sources.append(random_init_twin(src, config.seed))
+    sources += [from_model_name(name, config.img_size, config.patch_size, config.seed) for name in config.models]
+    if not sources:
+        raise UsageError("nothing to evaluate: give --checkpoint PATH (repeatable) or --model NAME --random-init")
+    seen, unique = set(), []
+    for s in sources:  # e.g. two checkpoints of one architecture share a random-init twin
+        key = str(s.identity()) + str(s.mean) + str(s.std)
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    return unique_names(unique)
+
+
+def _check(config: ProbeConfig) -> None:
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown or not config.methods:
+        raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none)'}; expected a subset of {','.join(METHODS)}")
+    if not config.ks or min(config.ks) < 1:
+        raise UsageError(f"ks must be positive integers, got {config.ks}")
+    check_feature_kind(config.feature)
+
+
+class _Features:
+    """Features of one source on both splits, from the cache or extracted once."""
+
+    def __init__(self, config: ProbeConfig, info: DatasetInfo, accelerator):
+        self.config, self.info, self.accelerator = config, info, accelerator
+        root = None if config.no_cache else (config.cache_dir or default_cache_dir())
+        self.cache = FeatureCache(root)
+        self.hits: list[str] = []
+
+    def __call__(self, source: Source) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+        cfg, info = self.config, self.info
+        mean, std = source.mean or info.mean, source.std or info.std
+        differs = source.kind == "checkpoint" and not (np.allclose(mean, info.mean, atol=1e-3) and np.allclose(std, info.std, atol=1e-3))
+        if differs:
+            print(f"warning: {source.name} normalises with mean={list(mean)} std={list(std)} from its checkpoint, "
+                  f"which differ from {info.name}'s defaults mean={list(info.mean)} std={list(info.std)}", file=sys.stderr)
+        transform = eval_transform(source.spec.img_size, mean, std, info.image_size)
+        precision = "bf16" if autocast_dtype(self.accelerator.device, cfg.precision) else "fp32"
+        model = None
+        out = {}
+        for split in ("train", "val"):
+            key = cache_key({
+                "model": source.identity(), "dataset": cfg.dataset, "split": split, "data": _data_identity(cfg.data),
+                "transform": repr(transform), "feature": cfg.feature, "precision": precision,
+            })
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.hits.append(f"{source.name}:{split}")
+                out[split] = (hit.features, hit.labels, 0.0)
+                continue
+            if model is None:
+                model = source.build()
+                check_feature_kind(cfg.feature, model)
+            dataset, _ = build_dataset(cfg.dataset, split, transform, cfg.data)
+            start = time.perf_counter()
+            feats, labels = extract_features(
+                model, dataset, cfg.feature, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                precision=cfg.precision, accelerator=self.accelerator, desc=f"{source.name} {split}",
+            )
+            seconds = time.perf_counter() - start
+            report_corrupt(dataset)
+            if len(feats) and not np.isfinite(feats).all():
+                raise UsageError(f"{source.name}: {split} features contain NaN or inf: the backbone diverged or the checkpoint is broken")
+            if self.accelerator.is_main_process:
+                self.cache.put(key, feats, labels, {"source": source.name, "split": split, "seconds": seconds})
+            self.accelerator.wait_for_everyone()
+            out[split] = (feats, labels, seconds)
+        return out
+
+
+def _data_identity(options: DataOptions) -> dict[str, Any]:
+    skip = {"root", "download", "strict", "shuffle"}  # where data lives does not change what it is
+    return {k: v for k, v in vars(options).items() if k not in skip}
+
+
+def _evaluate(config: ProbeConfig, source: Source, feats, info: DatasetInfo) -> ModelRun:
+    train_x, train_y, train_s = feats["train"]
+    test_x, test_y, test_s = feats["val"]
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise UsageError(f"{config.dataset}: the train or val split is empty; nothing to evaluate")
+    metrics: dict[str, Any] = {
+        "name": source.name, "kind": source.kind, "path": source.path, "weights_sha256": source.weights_sha256,
+        "spec": source.spec.to_dict(), "seed": source.seed if source.kind == "random_init" else None,
+        "feature_dim": int(train_x.shape[1]), "n_train": len(train_x), "n_test": len(test_x),
+        "extract_seconds": round(train_s + test_s, 2),
+    }
+    run = ModelRun(source, test_x, test_y, metrics)
+    n_classes = max(info.num_classes, int(train_y.max()) + 1, int(test_y.max()) + 1)
+    if "knn" in config.methods:
+        start = time.perf_counter()
+        results = knn_classify(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
+                               torch.from_numpy(test_y), config.ks, config.temperature, n_classes, config.knn_backend)
+        metrics["knn"] = {str(k): {"k": k, "k_used": r.k, "top1": r.top1, "top5": r.top5} for k, r in results.items()}
+        metrics["knn_seconds"] = round(time.perf_counter() - start, 2)
+        best = max(results, key=lambda k: results[k].top1)
+        run.predictions[f"knn (k={best})"] = results[best].predictions.numpy()
+    if "linear" in config.methods:
+        start = time.perf_counter()
+        if config.linear_protocol == "sklearn":
+            result = logreg_probe(train_x, train_y, test_x, test_y, config.logreg)
+        else:
+            result = train_linear_head(train_x, train_y, test_x, test_y, config.linear_head, n_classes)
+        metrics["linear"] = {"protocol": config.linear_protocol, "top1": result.top1, "top5": result.top5,
+                             **{k: v for k, v in result.details.items() if k != "protocol"}}
+        metrics["linear_seconds"] = round(time.perf_counter() - start, 2)
+        run.predictions[f"linear ({config.linear_protocol})"] = np.asarray(result.predictions)
+    return run
+
+
+def run_probe(config: ProbeConfig, accelerator=None) -> dict[str, Any]:
+    """Evaluate every source in ``config``; write the report under ``config.out`` (when set)."""
+    from accelerate import Accelerator
+
+    started = time.perf_counter()
+    _check(config)
+    _, info = build_dataset(config.dataset, "train", None, config.data)  # an unknown dataset fails here
+    sources = _sources(config)
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    features = _Features(config, info, accelerator)
+    runs = [_evaluate(config, s, features(s), info) for s in sources]
+    metrics = {
+        "dataset": config.dataset, "classes": list(info.classes), "feature": config.feature,
+        "methods": list(config.methods), "models": [r.metrics for r in runs], "cache_hits": features.hits,
+        "wall_seconds": None,
+    }
+    if config.out and accelerator.is_main_process:
+        from selfsup.eval.report import write_report
+
+        metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
+        write_report(Path(config.out), config, metrics, runs, info)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
+    return metrics

@@ -1,0 +1,83 @@
+"""Two asymmetric BYOL views per image, each a pure function of (seed, epoch, image index).
+
+The recipe (official ``main_moco.py``, "follow BYOL's augmentation recipe"): RandomResizedCrop
+(scale 0.08–1), colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur
+σ∈[0.1, 2] with p 1.0 / 0.1, solarize p 0 / 0.2, horizontal flip. lightly's
+``BYOLView1Transform`` / ``BYOLView2Transform`` have exactly these defaults; they flip before the
+colour ops instead of after, which changes nothing in distribution (every later op commutes with
+a flip).
+
+Why per-sample seeds: every random number of an augmentation comes from Python's, NumPy's and
+torch's global generators, re-seeded from (seed, epoch, index) before each image. The views then
+do not depend on which worker or which process loads the image, nor on how many batches ran
+before: a resumed run sees exactly the views of an uninterrupted one, and a W-process run the
+views of a 1-process run on the same global batch. This replaces per-worker RNG bookkeeping.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+from torch.utils.data import Dataset, get_worker_info
+
+from selfsup.ssl.settings import AugmentSettings
+
+
+def byol_views(settings: AugmentSettings, input_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[Callable, Callable]:
+    """The two view transforms (PIL image -> normalised tensor)."""
+    b, c, s, h = settings.jitter
+    common = dict(
+        input_size=input_size, cj_prob=settings.jitter_prob, cj_bright=b, cj_contrast=c, cj_sat=s, cj_hue=h,
+        min_scale=settings.min_scale, random_gray_scale=settings.gray_prob, sigmas=tuple(settings.blur_sigmas),
+        hf_prob=settings.flip_prob, normalize={"mean": list(mean), "std": list(std)},
+    )
+    view1 = BYOLView1Transform(gaussian_blur=settings.blur_prob[0], solarization_prob=settings.solarize_prob[0], **common)
+    view2 = BYOLView2Transform(gaussian_blur=settings.blur_prob[1], solarization_prob=settings.solarize_prob[1], **common)
+    return view1, view2
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one image in one epoch (independent streams through SeedSequence)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def _seed_all(value: int) -> None:
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+class TwoViews(Dataset):
+    """Wraps a labelled dataset of PIL images; ``dataset[(index, seed)]`` -> (view1, view2).
+
+    Indices come from :class:`~selfsup.ssl.sampling.GlobalBatchSampler` as (index, seed) pairs.
+    Labels are dropped: pretraining never sees them.
+    """
+
+    def __init__(self, dataset: Any, view1: Callable, view2: Callable):
+        self.dataset = dataset
+        self.view1 = view1
+        self.view2 = view2
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = item
+        image = self.dataset[index][0]
+        if get_worker_info() is not None:  # a worker's global generators are ours to re-seed
+            _seed_all(seed)
+            return self.view1(image), self.view2(image)
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:  # in the main process, leave the generators as they were
+            _seed_all(seed)
+            return self.view1(image), self.view2(image)
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])

@@ -1,0 +1,52 @@
+"""``pretrain --config FILE [key=value ...]``: parse, call :func:`selfsup.ssl.train.train`, report.
+
+Exit codes: 0 finished (or exported), 2 bad input (one line), 3 the loss diverged, 128+signal
+when stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with ``resume=auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from selfsup.config import load_config
+from selfsup.errors import exits_cleanly
+from selfsup.ssl.settings import PretrainConfig
+
+EXIT_DIVERGED = 3
+FLAGS = {"dataset": "dataset", "data_root": "data_root", "out": "out"}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="MoCo v3 pretraining of a ViT; exports OUT/backbone.safetensors. "
+        "Any config key can be set as key=value (nested with dots, e.g. optim.base_lr=1e-4).",
+    )
+    parser.add_argument("--config", help="YAML file, e.g. configs/pretrain/digits_cpu.yaml")
+    parser.add_argument("--dataset", help="dataset name (same as dataset=...)")
+    parser.add_argument("--data-root", help="folder holding the dataset (same as data_root=...)")
+    parser.add_argument("--out", help="run folder (same as out=...)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    overrides = [f"{key}={getattr(args, attr)}" for attr, key in FLAGS.items() if getattr(args, attr) is not None]
+    return args.config, overrides + list(args.overrides)
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> None:
+    config_path, overrides = parse_args(argv)
+    config = load_config(PretrainConfig, config_path, overrides)
+    from selfsup.ssl.train import TrainingDiverged, train  # heavy imports after argument checks
+
+    try:
+        result = train(config)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_DIVERGED) from None
+    if result.status == "interrupted":
+        print(f"stopped at step {result.step}/{result.total_steps} (signal {result.signal}); checkpoint saved, "
+              f"continue with: pretrain ... out={result.out} resume=auto", file=sys.stderr)
+        raise SystemExit(128 + (result.signal or 15))
+    if result.backbone is not None:
+        print(f"backbone: {result.backbone}")

@@ -1,0 +1,62 @@
+"""Per-step records of a run: a tqdm bar, ``OUT/log.jsonl`` and optional TensorBoard (main process only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from selfsup.errors import UsageError
+
+
+def check_tracker(log_with: str) -> None:
+    if log_with == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UsageError("log_with=tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+
+class RunLog:
+    """``step(record)`` writes one JSON line (every ``every`` steps), moves the bar, logs to trackers."""
+
+    def __init__(self, accelerator, out: Path, total: int, start: int, every: int = 1, bar: bool = True):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.every = max(1, every)
+        self.path = out / "log.jsonl"
+        self.file = self.path.open("a") if self.main else None
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) if self.main and bar else None
+
+    def step(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", m=f"{record['momentum']:.4f}",
+                img_s=f"{record['images_per_s']:.0f}", data=f"{record['data_s']:.3f}s", refresh=False,
+            )
+        if record["step"] % self.every == 0:
+            self.write(record)
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def event(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        self.write(record)
+        if self.bar is not None:
+            self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def write(self, record: dict[str, Any]) -> None:
+        assert self.file is not None
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()

@@ -1,0 +1,53 @@
+"""Which images each process sees at each step: a seeded permutation per epoch, cut in global batches.
+
+Step ``s`` of epoch ``e`` takes images ``perm_e[s·B : (s+1)·B]`` (B = global batch); process ``r``
+of ``W`` takes the ``r``-th contiguous slice of B/W of them. Gathering keys in rank order
+therefore rebuilds exactly the 1-process batch, and resuming at step ``s`` is starting the
+sampler there (no batches are loaded to be skipped, unlike ``accelerate.skip_first_batches``
+over a random sampler). The last incomplete batch is dropped (``drop_last``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from selfsup.ssl.augment import sample_seed
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batch sampler yielding this process's (index, augmentation seed) pairs for each step."""
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        self.num_samples = num_samples
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch() - self.start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm = self.permutation(self.epoch).tolist()
+        for step in range(self.start_step, self.steps_per_epoch()):
+            start = step * self.global_batch + self.rank * self.local_batch
+            indices = perm[start : start + self.local_batch]
+            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in indices]

@@ -1,0 +1,93 @@
+"""The pretraining configuration; defaults are the MoCo v3 ViT-S recipe.
+
+Source for every default: Chen, Xie & He, "An Empirical Study of Training Self-Supervised Vision
+Transformers" (ICCV 2021) and the official code (facebookresearch/moco-v3: ``main_moco.py``,
+``moco/builder.py``, ``vits.py``, ``CONFIG.md`` ViT-S/B commands): AdamW with torch's default
+betas (0.9, 0.999), lr 1.5e-4 × batch/256, weight decay 0.1, 300 epochs with 40 warm-up epochs at
+batch 4096, T = 0.2, m from 0.99 to 1 by a half-cycle cosine, 3-layer projector and 2-layer
+predictor of width 4096 and output 256, random frozen patch projection, 2-D sin-cos position
+embedding, BYOL augmentations with crop scale (0.08, 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from selfsup.models import BackboneSpec
+
+
+def _paper_backbone() -> BackboneSpec:
+    return BackboneSpec(arch="moco_vit_small", img_size=224, pos_embed="sincos", frozen_patch_embed=True)
+
+
+@dataclass
+class MocoSettings:
+    dim: int = 256
+    mlp_dim: int = 4096
+    proj_layers: int | None = None  # None: 3 for ViTs, 2 for ResNets
+    pred_layers: int = 2
+    temperature: float = 0.2
+    momentum: float = 0.99  # m0, raised to 1 by a half-cycle cosine when momentum_cosine
+    momentum_cosine: bool = True
+    vit_init: Literal["moco", "timm"] = "moco"  # the official vits.py initialisation, or timm's
+
+
+@dataclass
+class OptimSettings:
+    base_lr: float = 1.5e-4  # per 256 images: lr = base_lr × batch_size / 256
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 40.0
+    clip_grad: float | None = None  # max gradient norm; the official code does not clip
+
+
+@dataclass
+class AugmentSettings:
+    """BYOL's two asymmetric views (lightly's BYOLView1/2Transform defaults are these values)."""
+
+    min_scale: float = 0.08
+    blur_prob: tuple[float, float] = (1.0, 0.1)
+    blur_sigmas: tuple[float, float] = (0.1, 2.0)  # PIL radius; use smaller values on 32x32 images
+    solarize_prob: tuple[float, float] = (0.0, 0.2)
+    jitter_prob: float = 0.8
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    gray_prob: float = 0.2
+    flip_prob: float = 0.5
+
+
+@dataclass
+class PretrainConfig:
+    dataset: str = "imagenet"
+    data_root: str | None = None
+    out: str = "runs/pretrain"
+    model: BackboneSpec = field(default_factory=_paper_backbone)
+    moco: MocoSettings = field(default_factory=MocoSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    epochs: int = 300
+    batch_size: int = 4096  # global, split evenly over the processes
+    max_steps: int | None = None  # stop early (the schedules still span `epochs`)
+    seed: int = 0
+    num_workers: int = 8  # DataLoader workers per process
+    threads: int | None = None  # torch threads per process; 1 keeps a shared CPU from thrashing
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    val_fraction: float = 0.1  # held out of folders without val/ (used by the monitor only)
+    length_per_epoch: int | None = None  # samples per epoch; required for WebDataset shards
+    synthetic_size: int = 256
+    synthetic_classes: int = 4
+    # run management
+    resume: str = "auto"  # "auto": latest checkpoint in `out` if any; "never"; or a checkpoint folder
+    save_every_steps: int = 0  # 0: off
+    save_every_epochs: int = 1
+    keep_checkpoints: int = 2
+    log_every: int = 1  # steps between log.jsonl records
+    log_with: Literal["none", "tensorboard"] = "none"
+    progress_bar: bool = True
+    max_nan_steps: int = 5  # this many non-finite losses in a row stop the run
+    monitor_every: int = 0  # epochs between kNN monitors; 0: off
+    monitor_at_start: bool = True
+    monitor_train_size: int = 2000
+    monitor_val_size: int = 1000
+    monitor_k: int = 20
+    export_only: bool = False  # export the backbone of the latest checkpoint in `out`, no training

@@ -1,0 +1,148 @@
+"""Whole pretraining runs on tiny synthetic data: export, exact resume, NaN handling, 2 processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+from conftest import REPO
+
+from selfsup.checkpoint import load_backbone, load_checkpoint
+from selfsup.config import load_config
+from selfsup.ssl import cli
+from selfsup.ssl.builder import MoCoV3
+from selfsup.ssl.runstate import complete_checkpoints
+from selfsup.ssl.settings import PretrainConfig
+from selfsup.ssl.train import TrainingDiverged, train
+
+TINY = [
+    "dataset=synthetic", "synthetic_size=64", "batch_size=16", "epochs=3", "seed=3",
+    "model.arch=moco_vit_tiny", "model.img_size=32", "model.patch_size=8",
+    "model.extra.depth=1", "model.extra.embed_dim=32", "model.extra.num_heads=2",
+    "moco.dim=16", "moco.mlp_dim=32", "optim.base_lr=0.02", "optim.warmup_epochs=1",
+    "num_workers=0", "threads=1", "progress_bar=false", "resume=never", "augment.blur_sigmas=[0.1, 0.5]",
+]
+
+
+def config(tmp_path, *extra):
+    return load_config(PretrainConfig, None, [*TINY, f"out={tmp_path}", *extra])
+
+
+def losses(out):
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "event" not in r]
+
+
+def pretrain_cmd(*args):
+    return [sys.executable, str(REPO / "ssl" / "pretrain.py"), *args]
+
+
+def test_a_run_exports_a_backbone_that_selfsup_and_timm_load(tmp_path):
+    result = train(config(tmp_path, "monitor_every=3", "monitor_train_size=32", "monitor_val_size=32"))
+    assert result.status == "finished" and result.step == 12 and result.backbone == tmp_path / "backbone.safetensors"
+    model, meta = load_backbone(result.backbone)
+    assert meta.stage == "pretrain" and meta.img_size == 32 and meta.spec.frozen_patch_embed
+    assert meta.config["moco"]["temperature"] == 0.2 and len(meta.mean) == 3
+    state, _ = load_checkpoint(result.backbone)
+    assert not any(k.startswith(("projector", "predictor", "momentum", "head")) for k in state)
+    plain = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=0)
+    plain.load_state_dict(state, strict=True)
+    assert [r["epoch"] for r in result.monitor] == [0, 3]
+    assert all(0 <= r["knn_top1_k20"] <= 100 for r in result.monitor)
+    # on demand, from the latest training state: the same weights
+    (tmp_path / "backbone.safetensors").unlink()
+    again = train(config(tmp_path, "export_only=true", "resume=auto"))
+    assert again.status == "exported" and torch.equal(load_checkpoint(again.backbone)[0]["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+
+
+def test_sigterm_then_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    args = [*TINY, "epochs=12", "max_steps=40", "keep_checkpoints=1"]
+    straight = train(load_config(PretrainConfig, None, [*args, f"out={tmp_path / 'straight'}"]))
+    assert straight.step == 40
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(pretrain_cmd(*args, f"out={out}", "num_workers=1"), env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "log.jsonl").is_file() and len(losses(out)) >= 6:  # mid-epoch: 4 steps per epoch
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    stopped_at = len(losses(out))
+    assert 6 <= stopped_at < 40 and "resume=auto" in stderr
+
+    resumed = subprocess.run(pretrain_cmd(*args, f"out={out}", "resume=auto"), env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(out) == losses(tmp_path / "straight")  # exactly, step by step
+    assert len(complete_checkpoints(out)) == 1
+    a, _ = load_checkpoint(out / "backbone.safetensors")
+    b, _ = load_checkpoint(tmp_path / "straight" / "backbone.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def nan_at(monkeypatch, steps):
+    original, calls = MoCoV3.forward, {"n": 0}
+
+    def forward(self, x1, x2, m):
+        loss = original(self, x1, x2, m)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] - 1 in steps else loss
+
+    monkeypatch.setattr(MoCoV3, "forward", forward)
+
+
+def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
+    nan_at(monkeypatch, {2, 3, 7})
+    result = train(config(tmp_path, "max_nan_steps=3"))
+    assert result.status == "finished" and result.nan_skipped == 3 and result.step == 12
+    skipped = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"skipped": true' in line]
+    assert skipped == [2, 3, 7]
+
+
+def test_a_nan_streak_stops_the_run_keeping_the_checkpoint_from_before(tmp_path, monkeypatch):
+    nan_at(monkeypatch, set(range(5, 100)))
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        train(config(tmp_path, "max_nan_steps=3", "save_every_steps=1"))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*TINY, f"out={tmp_path / 'cli'}", "max_nan_steps=2"])
+    assert exit_info.value.code == cli.EXIT_DIVERGED
+
+
+def test_bad_config_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["optim.base_rl=1"])
+    assert exit_info.value.code == 2 and "did you mean 'base_lr'" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    args = [*TINY, "max_steps=5", "save_every_epochs=0"]
+    single = train(load_config(PretrainConfig, None, [*args, f"out={tmp_path / 'one'}"]))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    run = subprocess.run([*launch, str(REPO / "ssl" / "pretrain.py"), *args, f"out={tmp_path / 'two'}"],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 5
+    for (s1, l1), (s2, l2) in zip(one, two):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
+    a, _ = load_checkpoint(single.backbone)
+    b, _ = load_checkpoint(tmp_path / "two" / "backbone.safetensors")
+    # Two gradients are zero in exact arithmetic (the attention keys' bias: softmax is shift
+    # invariant; the final LayerNorm bias: the projector's BatchNorm removes shifts). Adam turns
+    # their float noise into full-size steps, so those entries are left out of the comparison.
+    for state in (a, b):  # keep the query and value biases (embed_dim 32: q, k, v rows of 32)
+        state["blocks.0.attn.qkv.bias"] = torch.cat([state["blocks.0.attn.qkv.bias"][:32], state["blocks.0.attn.qkv.bias"][64:]])
+    for k in a:
+        if k != "norm.bias":
+            assert torch.allclose(a[k], b[k], atol=1e-5), k
