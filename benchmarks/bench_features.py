@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 import torch
-from selfsup.eval.extract import extract_features
 from torch.utils.data import TensorDataset
 
+from selfsup.eval.extract import extract_features
 from selfsup.models import BackboneSpec, create_backbone
 
 

@@ -40,8 +40,9 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
 
 
 def speed(args) -> dict:
-    from selfsup.eval.knn import knn_classify, resolve_backend
     from sklearn.neighbors import KNeighborsClassifier
+
+    from selfsup.eval.knn import knn_classify, resolve_backend
 
     xb, yb = features(args.n_train, args.dim, args.classes, 1)
     xq, yq = features(args.n_test, args.dim, args.classes, 2)

@@ -15,10 +15,9 @@ import dataclasses
 import json
 import sys
 
-from selfsup.eval.probe import ProbeConfig, run_probe
-
 from selfsup.config import load_config
 from selfsup.errors import UsageError, exits_cleanly
+from selfsup.eval.probe import ProbeConfig, run_probe
 
 
 def _ints(text: str) -> list[int]:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from selfsup.eval.logreg import LinearProbeResult, topk_accuracy
 from torch import nn
 
 from selfsup.errors import UsageError
+from selfsup.eval.logreg import LinearProbeResult, topk_accuracy
 
 
 @dataclass
@@ -72,15 +72,33 @@ def train_linear_head(
     steps_per_epoch = math.ceil(len(x) / batch)
     total = max(1, config.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and x.numel() * num_classes < 50_000_000:
+        torch.set_num_threads(1)  # tiny steps: intra-op threads cost more in waiting than they save
+    try:
+        losses = _train(head, opt, sched, x, y, batch, config.epochs, config.batchnorm, generator)
+    finally:
+        torch.set_num_threads(threads)
+    head.eval()
+    with torch.no_grad():
+        scores = torch.cat([head(xt[i : i + 4096]) for i in range(0, len(xt), 4096)]).cpu().numpy()
+    top1, top5 = topk_accuracy(scores, np.asarray(test_y), np.arange(num_classes))
+    details = {"protocol": "torch", "lr": lr, "epochs": config.epochs, "batchnorm": config.batchnorm,
+               "final_train_loss": losses[-1] if losses else None}
+    return LinearProbeResult(top1, top5, scores.argmax(1), details)
+
+
+def _train(head, opt, sched, x, y, batch: int, epochs: int, batchnorm: bool, generator) -> list[float]:
+    """Plain SGD epochs over shuffled mini-batches; returns the mean training loss per epoch."""
     loss_fn = nn.CrossEntropyLoss()
     losses = []
     head.train()
-    for _ in range(config.epochs):
-        order = torch.randperm(len(x), generator=generator).to(device)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator).to(x.device)
         epoch_loss = 0.0
         for start in range(0, len(x), batch):
             idx = order[start : start + batch]
-            if len(idx) < 2 and config.batchnorm:
+            if len(idx) < 2 and batchnorm:
                 continue  # BatchNorm needs two samples; a lone remainder sample is skipped
             loss = loss_fn(head(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
@@ -89,10 +107,4 @@ def train_linear_head(
             sched.step()
             epoch_loss += loss.item() * len(idx)
         losses.append(epoch_loss / len(x))
-    head.eval()
-    with torch.no_grad():
-        scores = torch.cat([head(xt[i : i + 4096]) for i in range(0, len(xt), 4096)]).cpu().numpy()
-    top1, top5 = topk_accuracy(scores, np.asarray(test_y), np.arange(num_classes))
-    details = {"protocol": "torch", "lr": lr, "epochs": config.epochs, "batchnorm": config.batchnorm,
-               "final_train_loss": losses[-1] if losses else None}
-    return LinearProbeResult(top1, top5, scores.argmax(1), details)
+    return losses

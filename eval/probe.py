@@ -15,15 +15,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from selfsup.data import DataOptions, DatasetInfo, build_dataset
+from selfsup.errors import UsageError
 from selfsup.eval.cache import FeatureCache, cache_key, default_cache_dir
 from selfsup.eval.extract import autocast_dtype, extract_features
 from selfsup.eval.knn import DEFAULT_KS, knn_classify
 from selfsup.eval.linear_head import LinearHeadConfig, train_linear_head
 from selfsup.eval.logreg import LogRegConfig, logreg_probe
 from selfsup.eval.sources import Source, from_checkpoint, from_model_name, random_init_twin, unique_names
-
-from selfsup.data import DataOptions, DatasetInfo, build_dataset
-from selfsup.errors import UsageError
 from selfsup.features import check_feature_kind
 from selfsup.imagefolder import report_corrupt
 from selfsup.transforms import eval_transform

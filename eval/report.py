@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from selfsup.eval import plots
 
 from selfsup.checkpoint import atomic_write_bytes, library_versions
 from selfsup.config import save_config
+from selfsup.eval import plots
 
 
 @dataclass
@@ -129,7 +129,7 @@ def _blocks(out: Path, config, metrics: dict[str, Any], runs, info) -> list[Bloc
                   for r in runs]
     blocks += [Block("h2", "Run"),
                Block("table", headers=["model", "kind", "checkpoint", "sha256 / seed", "arch", "img/patch", "extract s"], rows=model_rows),
-               Block("p", f"Wall time {metrics['wall_seconds']} s; cached feature sets reused: {len(metrics['cache_hits'])}; "
+               Block("p", f"Wall time (features and probes) {metrics['wall_seconds']} s; cached feature sets reused: {len(metrics['cache_hits'])}; "
                           f"created {metrics['created']}."),
                Block("p", "Versions: " + ", ".join(f"{k} {v}" for k, v in metrics["versions"].items()))]
     return blocks

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 from PIL import Image
+
+from selfsup.checkpoint import CheckpointMeta, save_checkpoint
 from selfsup.eval import probe
 from selfsup.eval.cli import main
 from selfsup.eval.sources import from_checkpoint, random_init_twin
-
-from selfsup.checkpoint import CheckpointMeta, save_checkpoint
 from selfsup.models import BackboneSpec, create_backbone
 
 SPEC = BackboneSpec("vit_small_patch16_224", img_size=32, patch_size=8, extra={"depth": 2, "embed_dim": 32, "num_heads": 4})

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from selfsup.eval import knn
-from selfsup.eval.knn import knn_classify, resolve_backend, vote
 
 from selfsup.errors import UsageError
+from selfsup.eval import knn
+from selfsup.eval.knn import knn_classify, resolve_backend, vote
 
 BACKENDS = ["torch", pytest.param("faiss-cpu", marks=pytest.mark.skipif(knn._faiss() is None, reason="faiss absent"))]
 

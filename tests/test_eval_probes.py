@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from selfsup.eval.linear_head import LinearHeadConfig, linear_head, train_linear_head
-from selfsup.eval.logreg import LogRegConfig, logreg_probe, topk_accuracy
 
 from selfsup.errors import UsageError
+from selfsup.eval.linear_head import LinearHeadConfig, linear_head, train_linear_head
+from selfsup.eval.logreg import LogRegConfig, logreg_probe, topk_accuracy
 
 
 def separable(n: int, seed: int, classes: int = 5, dim: int = 20):
