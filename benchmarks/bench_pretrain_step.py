@@ -23,7 +23,26 @@ import time
 CASES = {
     # name: backbone spec fields, heads (dim, mlp_dim), batch
     "vit_small16_224": ({"arch": "moco_vit_small", "img_size": 224, "patch_size": 16}, (256, 4096), 16),
-    "vit_tiny32": ({"arch": "moco_vit_tiny", "img_size": 32, "patch_size": 8, "extra": {"depth": 4, "embed_dim": 128, "num_heads": 4}}, (128, 512), 64),
+    "vit_tiny32": (
+        {
+            "arch": "moco_vit_tiny",
+            "img_size": 32,
+            "patch_size": 8,
+            "extra": {"depth": 4, "embed_dim": 128, "num_heads": 4},
+        },
+        (128, 512),
+        64,
+    ),
+    "vit_tiny32_p4": (  # configs/pretrain/cifar10_subset_cpu.yaml
+        {
+            "arch": "moco_vit_tiny",
+            "img_size": 32,
+            "patch_size": 4,
+            "extra": {"depth": 4, "embed_dim": 128, "num_heads": 4},
+        },
+        (128, 512),
+        128,
+    ),
 }
 
 
@@ -37,7 +56,11 @@ def plain_step_factory(backbone, dim, mlp_dim, precision, device):
         for i in range(layers):
             a, b = d_in if i == 0 else d_hidden, d_out if i == layers - 1 else d_hidden
             mods.append(nn.Linear(a, b, bias=False))
-            mods += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)] if i < layers - 1 else [nn.BatchNorm1d(b, affine=False)]
+            mods += (
+                [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+                if i < layers - 1
+                else [nn.BatchNorm1d(b, affine=False)]
+            )
         return nn.Sequential(*mods)
 
     base = nn.Sequential(backbone, mlp(3, backbone.num_features, mlp_dim, dim)).to(device)
@@ -103,9 +126,15 @@ def run_one(case: str, impl: str, precision: str, steps: int, warmup: int, threa
         step, device = selfsup_step_factory(spec, dim, mlp_dim, precision)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        step = plain_step_factory(create_backbone(BackboneSpec(**spec, frozen_patch_embed=True)), dim, mlp_dim, precision, device)
+        step = plain_step_factory(
+            create_backbone(BackboneSpec(**spec, frozen_patch_embed=True)), dim, mlp_dim, precision, device
+        )
     size = spec["img_size"]
-    x1, x2 = torch.randn(batch, 3, size, size, device=device), torch.randn(batch, 3, size, size, device=device)
+    x1, x2 = (
+        torch.randn(batch, 3, size, size, device=device),
+        torch.randn(batch, 3, size, size, device=device),
+    )
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(warmup):
         step(x1, x2)
     if device.type == "cuda":
@@ -119,9 +148,22 @@ def run_one(case: str, impl: str, precision: str, steps: int, warmup: int, threa
         times.append(time.perf_counter() - start)
     times.sort()
     median = times[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"case": case, "impl": impl, "precision": precision, "batch": batch, "step_s": median,
-            "images_per_s": batch / median, "peak_mib": peak, "device": device.type}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "case": case,
+        "impl": impl,
+        "precision": precision,
+        "batch": batch,
+        "step_s": median,
+        "images_per_s": batch / median,
+        "peak_mib": peak,
+        "device": device.type,
+        "step_mib": peak - rss_before if device.type == "cpu" else peak,
+    }
 
 
 def main() -> None:
@@ -130,7 +172,12 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="*", default=["no", "bf16"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is robust on a shared CPU; 0: torch's default)",
+    )
     parser.add_argument("--one", nargs=3, metavar=("CASE", "IMPL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -141,16 +188,34 @@ def main() -> None:
         for precision in args.precisions:
             pair = {}
             for impl in ("plain", "selfsup"):
-                cmd = [sys.executable, __file__, "--one", case, impl, precision, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    case,
+                    impl,
+                    precision,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+                out = (
+                    subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )
                 pair[impl] = json.loads(out)
                 rows.append(pair[impl])
             ratio = pair["selfsup"]["images_per_s"] / pair["plain"]["images_per_s"]
-            print(f"{case:16s} {precision:4s} batch {pair['plain']['batch']:3d} | plain {pair['plain']['images_per_s']:7.1f} img/s "
-                  f"{pair['plain']['peak_mib']:7.0f} MiB | selfsup {pair['selfsup']['images_per_s']:7.1f} img/s "
-                  f"{pair['selfsup']['peak_mib']:7.0f} MiB | ratio {ratio:.2f}", flush=True)
+            print(
+                f"{case:16s} {precision:4s} batch {pair['plain']['batch']:3d} | plain {pair['plain']['images_per_s']:7.1f} img/s "
+                f"{pair['plain']['peak_mib']:6.0f} MiB (+{pair['plain']['step_mib']:.0f} in steps) | selfsup {pair['selfsup']['images_per_s']:7.1f} img/s "
+                f"{pair['selfsup']['peak_mib']:6.0f} MiB (+{pair['selfsup']['step_mib']:.0f}) | ratio {ratio:.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

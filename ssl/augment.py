@@ -28,16 +28,30 @@ from torch.utils.data import Dataset, get_worker_info
 from selfsup.ssl.settings import AugmentSettings
 
 
-def byol_views(settings: AugmentSettings, input_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[Callable, Callable]:
+def byol_views(
+    settings: AugmentSettings, input_size: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[Callable, Callable]:
     """The two view transforms (PIL image -> normalised tensor)."""
     b, c, s, h = settings.jitter
     common = dict(
-        input_size=input_size, cj_prob=settings.jitter_prob, cj_bright=b, cj_contrast=c, cj_sat=s, cj_hue=h,
-        min_scale=settings.min_scale, random_gray_scale=settings.gray_prob, sigmas=tuple(settings.blur_sigmas),
-        hf_prob=settings.flip_prob, normalize={"mean": list(mean), "std": list(std)},
+        input_size=input_size,
+        cj_prob=settings.jitter_prob,
+        cj_bright=b,
+        cj_contrast=c,
+        cj_sat=s,
+        cj_hue=h,
+        min_scale=settings.min_scale,
+        random_gray_scale=settings.gray_prob,
+        sigmas=tuple(settings.blur_sigmas),
+        hf_prob=settings.flip_prob,
+        normalize={"mean": list(mean), "std": list(std)},
     )
-    view1 = BYOLView1Transform(gaussian_blur=settings.blur_prob[0], solarization_prob=settings.solarize_prob[0], **common)
-    view2 = BYOLView2Transform(gaussian_blur=settings.blur_prob[1], solarization_prob=settings.solarize_prob[1], **common)
+    view1 = BYOLView1Transform(
+        gaussian_blur=settings.blur_prob[0], solarization_prob=settings.solarize_prob[0], **common
+    )
+    view2 = BYOLView2Transform(
+        gaussian_blur=settings.blur_prob[1], solarization_prob=settings.solarize_prob[1], **common
+    )
     return view1, view2
 
 
@@ -81,3 +95,27 @@ class TwoViews(Dataset):
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.set_rng_state(saved[2])
+
+
+class StreamViews(torch.utils.data.IterableDataset):
+    """Two views of each image of a stream (WebDataset shards), for data too big for an index.
+
+    A stream has no per-image index, so each DataLoader worker of each process seeds the
+    generators once, from (seed, rank, worker, pass): the views are reproducible from the start
+    of a pass, but a resumed run restarts its stream rather than continuing it mid-shard.
+    """
+
+    def __init__(self, stream: Any, view1: Callable, view2: Callable, seed: int = 0, rank: int = 0):
+        self.stream = stream
+        self.view1 = view1
+        self.view2 = view2
+        self.seed = seed
+        self.rank = rank
+        self.passes = 0
+
+    def __iter__(self):
+        worker = get_worker_info()
+        _seed_all(sample_seed(self.seed, self.passes, self.rank * 1024 + (worker.id if worker else 0)))
+        self.passes += 1
+        for image, _label in self.stream:
+            yield self.view1(image), self.view2(image)

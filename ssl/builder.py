@@ -28,11 +28,12 @@ def contrastive_loss(q: torch.Tensor, k_all: torch.Tensor, temperature: float, r
     The positive key of query i on process ``rank`` is row ``N·rank + i`` of ``k_all``. Logits are
     computed in float32 whatever the autocast dtype (the softmax over W·N keys is the fragile part).
     """
-    q = F.normalize(q.float(), dim=1)
-    k_all = F.normalize(k_all.float(), dim=1)
-    logits = q @ k_all.T / temperature
-    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
-    return F.cross_entropy(logits, labels) * (2 * temperature)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the matmul in bf16/fp16
+        q = F.normalize(q.float(), dim=1)
+        k_all = F.normalize(k_all.float(), dim=1)
+        logits = q @ k_all.T / temperature
+        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
+        return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
 @torch.no_grad()
@@ -83,12 +84,21 @@ class MoCoV3(nn.Module):
         temperature: T of the loss (paper: 0.2 for ViTs, 1.0 for ResNets).
     """
 
-    def __init__(self, backbone: nn.Module, dim: int = 256, mlp_dim: int = 4096, temperature: float = 0.2,
-                 proj_layers: int | None = None, pred_layers: int = 2):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        dim: int = 256,
+        mlp_dim: int = 4096,
+        temperature: float = 0.2,
+        proj_layers: int | None = None,
+        pred_layers: int = 2,
+    ):
         super().__init__()
         vit = is_vit(backbone)
         self.temperature = temperature
-        self.base_encoder = Encoder(backbone, projector(int(backbone.num_features), mlp_dim, dim, vit, proj_layers))
+        self.base_encoder = Encoder(
+            backbone, projector(int(backbone.num_features), mlp_dim, dim, vit, proj_layers)
+        )
         self.predictor = predictor(dim, mlp_dim, vit, pred_layers)
         self.momentum_encoder = copy.deepcopy(self.base_encoder)
         for p in self.momentum_encoder.parameters():
@@ -109,4 +119,6 @@ class MoCoV3(nn.Module):
             self.update_momentum_encoder(m)
             k1, rank = gather_keys(self.momentum_encoder(x1))
             k2, _ = gather_keys(self.momentum_encoder(x2))
-        return contrastive_loss(q1, k2, self.temperature, rank) + contrastive_loss(q2, k1, self.temperature, rank)
+        return contrastive_loss(q1, k2, self.temperature, rank) + contrastive_loss(
+            q2, k1, self.temperature, rank
+        )

@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     parser.add_argument("--out", help="run folder (same as out=...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    overrides = [f"{key}={getattr(args, attr)}" for attr, key in FLAGS.items() if getattr(args, attr) is not None]
+    overrides = [
+        f"{key}={getattr(args, attr)}" for attr, key in FLAGS.items() if getattr(args, attr) is not None
+    ]
     return args.config, overrides + list(args.overrides)
 
 
@@ -45,8 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_DIVERGED) from None
     if result.status == "interrupted":
-        print(f"stopped at step {result.step}/{result.total_steps} (signal {result.signal}); checkpoint saved, "
-              f"continue with: pretrain ... out={result.out} resume=auto", file=sys.stderr)
+        print(
+            f"stopped at step {result.step}/{result.total_steps} (signal {result.signal}); checkpoint saved, "
+            f"continue with: pretrain ... out={result.out} resume=auto",
+            file=sys.stderr,
+        )
         raise SystemExit(128 + (result.signal or 15))
     if result.backbone is not None:
         print(f"backbone: {result.backbone}")

@@ -24,7 +24,9 @@ BACKBONE_NAME = "backbone"
 MODEL_FILE = "model.safetensors"  # what accelerate's save_state writes for the first model
 
 
-def export_backbone(backbone: nn.Module, config: PretrainConfig, data: dict[str, Any], out: str | Path | None = None) -> Path:
+def export_backbone(
+    backbone: nn.Module, config: PretrainConfig, data: dict[str, Any], out: str | Path | None = None
+) -> Path:
     """Write ``OUT/backbone.safetensors`` + ``backbone.json``; ``data`` holds the dataset's mean/std."""
     meta = CheckpointMeta(
         backbone=config.model.to_dict(),

@@ -32,7 +32,9 @@ def mlp_head(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_b
     return ProjectionHead(blocks)
 
 
-def projector(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, vit: bool = True, num_layers: int | None = None) -> nn.Module:
+def projector(
+    in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, vit: bool = True, num_layers: int | None = None
+) -> nn.Module:
     """3 layers for ViTs, 2 for ResNets (official ``MoCo_ViT`` / ``MoCo_ResNet``)."""
     return mlp_head(num_layers or (3 if vit else 2), in_dim, hidden_dim, out_dim, last_bn=True)
 

@@ -26,7 +26,9 @@ def _capped(dataset, cap: int):
 
 
 class KnnMonitor:
-    def __init__(self, dataset: str, options: DataOptions, img_size: int, train_size: int, val_size: int, k: int = 20):
+    def __init__(
+        self, dataset: str, options: DataOptions, img_size: int, train_size: int, val_size: int, k: int = 20
+    ):
         _, info = build_dataset(dataset, "train", None, options)
         transform = eval_transform(img_size, info.mean, info.std, native_size=info.image_size)
         options.on_corrupt = "replace"
@@ -54,5 +56,7 @@ class KnnMonitor:
             val_x, val_y = self._embed(backbone, self.val, device)
         finally:
             backbone.train(was_training)
-        result = knn_classify(train_x, train_y, val_x, val_y, ks=(self.k,), num_classes=self.num_classes, backend="torch")
+        result = knn_classify(
+            train_x, train_y, val_x, val_y, ks=(self.k,), num_classes=self.num_classes, backend="torch"
+        )
         return next(iter(result.values())).top1

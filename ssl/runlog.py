@@ -16,7 +16,9 @@ def check_tracker(log_with: str) -> None:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise UsageError("log_with=tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise UsageError(
+                "log_with=tensorboard needs the tensorboard package: pip install tensorboard"
+            ) from None
 
 
 class RunLog:
@@ -28,7 +30,9 @@ class RunLog:
         self.every = max(1, every)
         self.path = out / "log.jsonl"
         self.file = self.path.open("a") if self.main else None
-        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) if self.main and bar else None
+        self.bar = (
+            tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) if self.main and bar else None
+        )
 
     def step(self, record: dict[str, Any]) -> None:
         if not self.main:
@@ -36,8 +40,12 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", m=f"{record['momentum']:.4f}",
-                img_s=f"{record['images_per_s']:.0f}", data=f"{record['data_s']:.3f}s", refresh=False,
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                m=f"{record['momentum']:.4f}",
+                img_s=f"{record['images_per_s']:.0f}",
+                data=f"{record['data_s']:.3f}s",
+                refresh=False,
             )
         if record["step"] % self.every == 0:
             self.write(record)
@@ -48,7 +56,9 @@ class RunLog:
             return
         self.write(record)
         if self.bar is not None:
-            self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            self.bar.write(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+            )
 
     def write(self, record: dict[str, Any]) -> None:
         assert self.file is not None

@@ -9,6 +9,7 @@ leaves the previous good checkpoint. The epoch and the sampler's position follow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -91,6 +92,7 @@ def truncate_log(path: Path, step: int) -> None:
     """Drop log records of steps at or after ``step`` (they will be run again after a resume)."""
     if not path.is_file():
         return
+
     def keep(record: dict[str, Any]) -> bool:
         if "event" in record:  # monitors etc. ran at a step boundary: kept up to the checkpoint's step
             return record.get("at_step", 0) <= step
@@ -116,10 +118,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         for sig in self.SIGNALS:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: signals stay as they were
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay as they were
-                pass
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,7 +20,9 @@ from selfsup.ssl.augment import sample_seed
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batch sampler yielding this process's (index, augmentation seed) pairs for each step."""
 
-    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(
+        self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0
+    ):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         self.num_samples = num_samples
@@ -51,3 +53,26 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             start = step * self.global_batch + self.rank * self.local_batch
             indices = perm[start : start + self.local_batch]
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in indices]
+
+
+class EndlessBatches:
+    """Batches from a DataLoader over a stream, restarting it when it runs dry; ``take(n)`` yields n."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.iterator = None
+
+    def take(self, n: int) -> Iterator:
+        for _ in range(n):
+            if self.iterator is None:
+                self.iterator = iter(self.loader)
+            try:
+                yield next(self.iterator)
+            except StopIteration:
+                self.iterator = iter(self.loader)
+                try:
+                    yield next(self.iterator)
+                except StopIteration:
+                    raise RuntimeError(
+                        "the stream yields no complete batch: fewer images than batch_size per process"
+                    ) from None

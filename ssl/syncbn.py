@@ -34,7 +34,9 @@ class AllReduceBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training-time mean and variance cover all processes' samples."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (
+            self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ):
             return super().forward(x)
         x32 = x.float()
         count = torch.tensor([float(x.shape[0])], dtype=torch.float32, device=x.device)
@@ -47,7 +49,9 @@ class AllReduceBatchNorm1d(nn.BatchNorm1d):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                momentum = (
+                    self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                )
                 unbiased = var * n / (n - 1).clamp_min(1)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
@@ -66,7 +70,9 @@ def convert_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def _to_allreduce(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm1d) and not isinstance(module, AllReduceBatchNorm1d):
-        new = AllReduceBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new = AllReduceBatchNorm1d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:  # the same Parameter objects: requires_grad (False in the momentum encoder) is kept
             new.weight, new.bias = module.weight, module.bias
         if module.track_running_stats:
@@ -75,7 +81,9 @@ def _to_allreduce(module: nn.Module) -> nn.Module:
         new.train(module.training)
         return new
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.BatchNorm1d):
-        raise NotImplementedError(f"{type(module).__name__} has no CPU multi-process version; use BatchNorm1d heads")
+        raise NotImplementedError(
+            f"{type(module).__name__} has no CPU multi-process version; use BatchNorm1d heads"
+        )
     for name, child in module.named_children():
         setattr(module, name, _to_allreduce(child))
     return module

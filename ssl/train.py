@@ -18,21 +18,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 
 from selfsup.config import save_config
-from selfsup.data import DataOptions, build_dataset, is_map_style
 from selfsup.errors import UsageError
 from selfsup.imagefolder import report_corrupt
 from selfsup.models import create_backbone, is_vit
 from selfsup.ssl import runstate
-from selfsup.ssl.augment import TwoViews, byol_views
 from selfsup.ssl.builder import MoCoV3, moco_vit_init
 from selfsup.ssl.export import export_backbone, export_latest
 from selfsup.ssl.monitor import KnnMonitor
+from selfsup.ssl.pipeline import build_pipeline, data_options
 from selfsup.ssl.runlog import RunLog, check_tracker
-from selfsup.ssl.sampling import GlobalBatchSampler
 from selfsup.ssl.schedules import learning_rate, moco_momentum, scaled_lr
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.ssl.syncbn import convert_batchnorm
@@ -72,15 +70,13 @@ def make_accelerator(config: PretrainConfig) -> Accelerator:
         kwargs.update(log_with=config.log_with, project_dir=config.out)
     try:
         return Accelerator(**kwargs)
-    except ValueError as err:  # e.g. fp16 without a GPU
-        raise UsageError(f"mixed_precision={config.mixed_precision}: {err}") from None
-
-
-def data_options(config: PretrainConfig) -> DataOptions:
-    return DataOptions(
-        root=config.data_root, on_corrupt="replace", val_fraction=config.val_fraction,
-        synthetic_size=config.synthetic_size, synthetic_classes=config.synthetic_classes,
-    )
+    except ValueError as err:
+        if "already been initialized" not in str(err):  # e.g. fp16 without a GPU
+            raise UsageError(f"mixed_precision={config.mixed_precision}: {err}") from None
+    # A second train() in this process with another precision: accelerate keeps its state per
+    # process; reset it (the process group, held by PartialState, stays).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(**kwargs)
 
 
 def _agree(accelerator: Accelerator, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
@@ -104,30 +100,20 @@ def train(config: PretrainConfig) -> PretrainResult:
         torch.set_num_threads(config.threads)
     set_seed(config.seed)  # the same initial weights in every process
 
-    dataset, info = build_dataset(config.dataset, "train", None, data_options(config))
-    if not is_map_style(dataset):
-        raise UsageError(f"{config.dataset} is a stream (WebDataset shards); see docs/pretrain.md, 'ImageNet-22K'")
-    data_facts = {"mean": list(info.mean), "std": list(info.std), "num_classes": info.num_classes, "dataset": info.name}
-    view1, view2 = byol_views(config.augment, config.model.img_size, info.mean, info.std)
-    sampler = GlobalBatchSampler(len(dataset), config.batch_size, rank, world, config.seed)
-    steps_per_epoch = sampler.steps_per_epoch()
-    if steps_per_epoch == 0:
-        raise UsageError(f"batch_size={config.batch_size} is larger than the dataset ({len(dataset)} images)")
-    workers = config.num_workers
-    loader = DataLoader(
-        TwoViews(dataset, view1, view2), batch_sampler=sampler, num_workers=workers,
-        pin_memory=accelerator.device.type == "cuda", persistent_workers=workers > 0,
-    )
+    pipeline = build_pipeline(config, rank, world, accelerator.device)
+    steps_per_epoch = pipeline.steps_per_epoch
 
     model = build_model(config)
     if world > 1:
         model = convert_batchnorm(model, accelerator.device)
     o = config.optim
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0, betas=o.betas, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=0.0, betas=o.betas, weight_decay=o.weight_decay
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     moco: MoCoV3 = accelerator.unwrap_model(model)
 
-    position = runstate.Position(data=data_facts)
+    position = runstate.Position(data=pipeline.facts())
     checkpoint = runstate.resolve_resume(config.resume, out)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -143,16 +129,34 @@ def train(config: PretrainConfig) -> PretrainResult:
     end = min(total, config.max_steps) if config.max_steps is not None else total
     peak_lr = scaled_lr(o.base_lr, config.batch_size)
     monitor = None
-    if config.monitor_every > 0 and accelerator.is_main_process:
-        monitor = KnnMonitor(config.dataset, data_options(config), config.model.img_size,
-                             config.monitor_train_size, config.monitor_val_size, config.monitor_k)
-    log = RunLog(accelerator, out, end, position.step, config.log_every, config.progress_bar and accelerator.is_main_process)
+    if config.monitor_every > 0 and accelerator.is_main_process and pipeline.indexed:  # streams: no monitor
+        monitor = KnnMonitor(
+            config.dataset,
+            data_options(config),
+            config.model.img_size,
+            config.monitor_train_size,
+            config.monitor_val_size,
+            config.monitor_k,
+        )
+    log = RunLog(
+        accelerator,
+        out,
+        end,
+        position.step,
+        config.log_every,
+        config.progress_bar and accelerator.is_main_process,
+    )
     result = PretrainResult("finished", out, position.step, end, nan_skipped=position.nan_skipped)
 
     def run_monitor(epoch: int) -> None:
         if monitor is not None:
             top1 = monitor(moco.backbone, accelerator.device)
-            record = {"event": "monitor", "epoch": epoch, "at_step": position.step, f"knn_top1_k{config.monitor_k}": top1}
+            record = {
+                "event": "monitor",
+                "epoch": epoch,
+                "at_step": position.step,
+                f"knn_top1_k{config.monitor_k}": top1,
+            }
             result.monitor.append(record)
             log.event(record)
         accelerator.wait_for_everyone()
@@ -167,13 +171,14 @@ def train(config: PretrainConfig) -> PretrainResult:
                 run_monitor(0)
             while position.step < end:
                 epoch, in_epoch = divmod(position.step, steps_per_epoch)
-                sampler.set_position(epoch, in_epoch)
                 tick = time.perf_counter()
-                for x1, x2 in loader:
+                for x1, x2 in pipeline.batches(epoch, in_epoch):
                     data_s = time.perf_counter() - tick
                     progress = epoch + in_epoch / steps_per_epoch
                     lr = learning_rate(progress, peak_lr, o.warmup_epochs, config.epochs)
-                    m = moco_momentum(progress, config.moco.momentum, config.epochs, config.moco.momentum_cosine)
+                    m = moco_momentum(
+                        progress, config.moco.momentum, config.epochs, config.moco.momentum_cosine
+                    )
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     x1 = x1.to(accelerator.device, non_blocking=True)
@@ -193,11 +198,19 @@ def train(config: PretrainConfig) -> PretrainResult:
                         position.nan_skipped += 1
                         position.nan_streak += 1
                     elapsed = time.perf_counter() - tick
-                    log.step({
-                        "step": position.step, "epoch": round(progress, 6), "loss": value, "lr": lr, "momentum": m,
-                        "images_per_s": config.batch_size / max(elapsed, 1e-9), "data_s": data_s,
-                        "compute_s": elapsed - data_s, "skipped": not finite,
-                    })
+                    log.step(
+                        {
+                            "step": position.step,
+                            "epoch": round(progress, 6),
+                            "loss": value,
+                            "lr": lr,
+                            "momentum": m,
+                            "images_per_s": config.batch_size / max(elapsed, 1e-9),
+                            "data_s": data_s,
+                            "compute_s": elapsed - data_s,
+                            "skipped": not finite,
+                        }
+                    )
                     position.step += 1
                     in_epoch += 1
                     if position.nan_streak >= config.max_nan_steps:
@@ -213,20 +226,28 @@ def train(config: PretrainConfig) -> PretrainResult:
                     if stop:
                         result.status, result.signal = "interrupted", signals.requested or 15
                         return result
-                    if config.save_every_steps and position.step % config.save_every_steps == 0 and position.nan_streak == 0:
+                    if (
+                        config.save_every_steps
+                        and position.step % config.save_every_steps == 0
+                        and position.nan_streak == 0
+                    ):
                         save()
                     tick = time.perf_counter()
                 if in_epoch == steps_per_epoch:  # a whole epoch done
                     if config.monitor_every and (epoch + 1) % config.monitor_every == 0:
                         run_monitor(epoch + 1)
-                    if position.step < end and config.save_every_epochs and (epoch + 1) % config.save_every_epochs == 0:
-                        if position.nan_streak == 0:
-                            save()
-            if position.nan_streak == 0 and not (runstate.checkpoint_root(out) / f"step_{position.step:08d}").is_dir():
+                    due = config.save_every_epochs and (epoch + 1) % config.save_every_epochs == 0
+                    if position.step < end and due and position.nan_streak == 0:
+                        save()
+            if (
+                position.nan_streak == 0
+                and not (runstate.checkpoint_root(out) / f"step_{position.step:08d}").is_dir()
+            ):
                 save()
             if accelerator.is_main_process:
                 result.backbone = export_backbone(moco.backbone, config, position.data)
-                report_corrupt(dataset)
+                if pipeline.indexed:
+                    report_corrupt(pipeline.dataset)
             accelerator.wait_for_everyone()
         finally:
             result.step, result.nan_skipped = position.step, position.nan_skipped
@@ -234,4 +255,3 @@ def train(config: PretrainConfig) -> PretrainResult:
             if config.log_with != "none":
                 accelerator.end_training()
     return result
-

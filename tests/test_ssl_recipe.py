@@ -14,7 +14,13 @@ from selfsup.ssl.schedules import learning_rate, moco_momentum, scaled_lr
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.ssl.syncbn import AllReduceBatchNorm1d, convert_batchnorm
 
-TINY = BackboneSpec("moco_vit_tiny", img_size=32, patch_size=8, frozen_patch_embed=True, extra={"depth": 1, "embed_dim": 32, "num_heads": 2})
+TINY = BackboneSpec(
+    "moco_vit_tiny",
+    img_size=32,
+    patch_size=8,
+    frozen_patch_embed=True,
+    extra={"depth": 1, "embed_dim": 32, "num_heads": 2},
+)
 
 
 def direct_ctr(q, k_all, T, rank):
@@ -33,7 +39,9 @@ def test_contrastive_loss_is_the_scaled_cross_entropy_with_rank_offset_labels():
     torch.manual_seed(0)
     q, k_all = torch.randn(3, 5), torch.randn(6, 5)  # 2 simulated processes of 3 queries
     for rank in (0, 1):
-        assert contrastive_loss(q, k_all, 0.2, rank).item() == pytest.approx(direct_ctr(q, k_all, 0.2, rank), rel=1e-5)
+        assert contrastive_loss(q, k_all, 0.2, rank).item() == pytest.approx(
+            direct_ctr(q, k_all, 0.2, rank), rel=1e-5
+        )
 
 
 def test_two_simulated_ranks_average_to_the_one_process_loss():
@@ -77,7 +85,9 @@ def test_lightly_cosine_schedule_is_not_the_official_momentum_formula():
     """Why schedules.py does not use lightly: it divides by max_steps - 1."""
     from lightly.utils.scheduler import cosine_schedule
 
-    assert cosine_schedule(50, 100, 0.99, 1.0) != pytest.approx(moco_momentum(50 / 100 * 300, 0.99, 300), abs=1e-7)
+    assert cosine_schedule(50, 100, 0.99, 1.0) != pytest.approx(
+        moco_momentum(50 / 100 * 300, 0.99, 300), abs=1e-7
+    )
 
 
 def test_vit_heads_follow_the_official_mlp_pattern():
@@ -88,7 +98,10 @@ def test_vit_heads_follow_the_official_mlp_pattern():
     assert all(m.bias is None for m in linears)
     assert [n.affine for n in norms] == [True, True, False]
     assert [n.affine for n in pred.modules() if isinstance(n, nn.BatchNorm1d)] == [True, False]
-    assert [(m.in_features, m.out_features) for m in pred.modules() if isinstance(m, nn.Linear)] == [(256, 4096), (4096, 256)]
+    assert [(m.in_features, m.out_features) for m in pred.modules() if isinstance(m, nn.Linear)] == [
+        (256, 4096),
+        (4096, 256),
+    ]
     assert sum(isinstance(m, nn.ReLU) for m in proj.modules()) == 2
     proj.eval()
     assert proj(torch.randn(2, 384)).shape == (2, 256)
@@ -137,7 +150,9 @@ def test_patch_projection_and_position_embedding_stay_fixed():
     backbone = model.backbone
     proj, pos = backbone.patch_embed.proj.weight.clone(), backbone.pos_embed.clone()
     block = backbone.blocks[0].mlp.fc1.weight.clone()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
     for _ in range(3):
         one_step(model, optimizer)
     assert torch.equal(backbone.patch_embed.proj.weight, proj) and torch.equal(backbone.pos_embed, pos)
@@ -157,13 +172,20 @@ def test_allreduce_batchnorm_is_plain_batchnorm_in_one_process():
 
 def test_defaults_are_the_paper_recipe():
     c = PretrainConfig()
-    assert (c.optim.base_lr, c.optim.weight_decay, c.optim.betas, c.optim.warmup_epochs) == (1.5e-4, 0.1, (0.9, 0.999), 40)
+    assert (c.optim.base_lr, c.optim.weight_decay, c.optim.betas, c.optim.warmup_epochs) == (
+        1.5e-4,
+        0.1,
+        (0.9, 0.999),
+        40,
+    )
     assert (c.moco.temperature, c.moco.momentum, c.moco.dim, c.moco.mlp_dim) == (0.2, 0.99, 256, 4096)
     assert (c.epochs, c.batch_size, c.augment.min_scale) == (300, 4096, 0.08)
     assert c.model.frozen_patch_embed and c.model.pos_embed == "sincos" and c.model.arch == "moco_vit_small"
 
 
-@pytest.mark.parametrize("name", ["vit_small_in1k", "vit_base_in1k", "vit_base_in22k", "digits_cpu", "cifar10_subset_cpu"])
+@pytest.mark.parametrize(
+    "name", ["vit_small_in1k", "vit_base_in1k", "vit_base_in22k", "digits_cpu", "cifar10_subset_cpu"]
+)
 def test_every_shipped_config_loads(name):
     from conftest import REPO
 

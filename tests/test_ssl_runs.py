@@ -1,6 +1,7 @@
 """Whole pretraining runs on tiny synthetic data: export, exact resume, NaN handling, 2 processes."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,11 +22,26 @@ from selfsup.ssl.settings import PretrainConfig
 from selfsup.ssl.train import TrainingDiverged, train
 
 TINY = [
-    "dataset=synthetic", "synthetic_size=64", "batch_size=16", "epochs=3", "seed=3",
-    "model.arch=moco_vit_tiny", "model.img_size=32", "model.patch_size=8",
-    "model.extra.depth=1", "model.extra.embed_dim=32", "model.extra.num_heads=2",
-    "moco.dim=16", "moco.mlp_dim=32", "optim.base_lr=0.02", "optim.warmup_epochs=1",
-    "num_workers=0", "threads=1", "progress_bar=false", "resume=never", "augment.blur_sigmas=[0.1, 0.5]",
+    "dataset=synthetic",
+    "synthetic_size=64",
+    "batch_size=16",
+    "epochs=3",
+    "seed=3",
+    "model.arch=moco_vit_tiny",
+    "model.img_size=32",
+    "model.patch_size=8",
+    "model.extra.depth=1",
+    "model.extra.embed_dim=32",
+    "model.extra.num_heads=2",
+    "moco.dim=16",
+    "moco.mlp_dim=32",
+    "optim.base_lr=0.02",
+    "optim.warmup_epochs=1",
+    "num_workers=0",
+    "threads=1",
+    "progress_bar=false",
+    "resume=never",
+    "augment.blur_sigmas=[0.1, 0.5]",
 ]
 
 
@@ -44,20 +60,28 @@ def pretrain_cmd(*args):
 
 def test_a_run_exports_a_backbone_that_selfsup_and_timm_load(tmp_path):
     result = train(config(tmp_path, "monitor_every=3", "monitor_train_size=32", "monitor_val_size=32"))
-    assert result.status == "finished" and result.step == 12 and result.backbone == tmp_path / "backbone.safetensors"
-    model, meta = load_backbone(result.backbone)
+    assert (
+        result.status == "finished"
+        and result.step == 12
+        and result.backbone == tmp_path / "backbone.safetensors"
+    )
+    _model, meta = load_backbone(result.backbone)
     assert meta.stage == "pretrain" and meta.img_size == 32 and meta.spec.frozen_patch_embed
     assert meta.config["moco"]["temperature"] == 0.2 and len(meta.mean) == 3
     state, _ = load_checkpoint(result.backbone)
     assert not any(k.startswith(("projector", "predictor", "momentum", "head")) for k in state)
-    plain = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=0)
+    plain = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=0
+    )
     plain.load_state_dict(state, strict=True)
     assert [r["epoch"] for r in result.monitor] == [0, 3]
     assert all(0 <= r["knn_top1_k20"] <= 100 for r in result.monitor)
     # on demand, from the latest training state: the same weights
     (tmp_path / "backbone.safetensors").unlink()
     again = train(config(tmp_path, "export_only=true", "resume=auto"))
-    assert again.status == "exported" and torch.equal(load_checkpoint(again.backbone)[0]["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+    assert again.status == "exported" and torch.equal(
+        load_checkpoint(again.backbone)[0]["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"]
+    )
 
 
 def test_sigterm_then_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
@@ -67,7 +91,9 @@ def test_sigterm_then_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
 
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(pretrain_cmd(*args, f"out={out}", "num_workers=1"), env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        pretrain_cmd(*args, f"out={out}", "num_workers=1"), env=env, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (out / "log.jsonl").is_file() and len(losses(out)) >= 6:  # mid-epoch: 4 steps per epoch
@@ -79,7 +105,9 @@ def test_sigterm_then_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     stopped_at = len(losses(out))
     assert 6 <= stopped_at < 40 and "resume=auto" in stderr
 
-    resumed = subprocess.run(pretrain_cmd(*args, f"out={out}", "resume=auto"), env=env, capture_output=True, text=True, timeout=180)
+    resumed = subprocess.run(
+        pretrain_cmd(*args, f"out={out}", "resume=auto"), env=env, capture_output=True, text=True, timeout=180
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert losses(out) == losses(tmp_path / "straight")  # exactly, step by step
     assert len(complete_checkpoints(out)) == 1
@@ -103,7 +131,11 @@ def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
     nan_at(monkeypatch, {2, 3, 7})
     result = train(config(tmp_path, "max_nan_steps=3"))
     assert result.status == "finished" and result.nan_skipped == 3 and result.step == 12
-    skipped = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"skipped": true' in line]
+    skipped = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "log.jsonl").read_text().splitlines()
+        if '"skipped": true' in line
+    ]
     assert skipped == [2, 3, 7]
 
 
@@ -117,6 +149,39 @@ def test_a_nan_streak_stops_the_run_keeping_the_checkpoint_from_before(tmp_path,
     assert exit_info.value.code == cli.EXIT_DIVERGED
 
 
+def test_a_stream_of_shards_runs_length_per_epoch_images_per_epoch(tmp_path):
+    import webdataset as wds
+    from PIL import Image
+
+    from selfsup.builtin_data import synthetic_arrays
+
+    images, labels = synthetic_arrays(40, 4, 32, seed=0)
+    folder = tmp_path / "data" / "imagenet22k" / "train"
+    folder.mkdir(parents=True)
+    for shard in range(2):
+        with wds.TarWriter(str(folder / f"shard-{shard:03d}.tar")) as sink:
+            for i in range(shard * 20, shard * 20 + 20):
+                sink.write({"__key__": f"{i:05d}", "png": Image.fromarray(images[i]), "cls": int(labels[i])})
+    cfg = config(
+        tmp_path / "run",
+        "dataset=imagenet22k",
+        f"data_root={tmp_path / 'data'}",
+        "length_per_epoch=48",
+        "epochs=2",
+    )
+    result = train(cfg)
+    assert (
+        result.status == "finished" and result.step == 6
+    )  # 48 // 16 per epoch; the 40-image stream restarts
+    with pytest.raises(Exception, match="length_per_epoch"):
+        train(config(tmp_path / "run2", "dataset=imagenet22k", f"data_root={tmp_path / 'data'}"))
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    result = train(config(tmp_path, "mixed_precision=bf16", "max_steps=3"))
+    assert result.status == "finished" and result.last_loss is not None and math.isfinite(result.last_loss)
+
+
 def test_bad_config_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["optim.base_rl=1"])
@@ -124,13 +189,40 @@ def test_bad_config_is_one_line_and_exit_2(capsys):
 
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    args = [*TINY, "max_steps=5", "save_every_epochs=0"]
+    args = [
+        *TINY,
+        "max_steps=5",
+        "save_every_epochs=0",
+        "monitor_every=1",
+        "monitor_train_size=32",
+        "monitor_val_size=16",
+    ]
     single = train(load_config(PretrainConfig, None, [*args, f"out={tmp_path / 'one'}"]))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
-    run = subprocess.run([*launch, str(REPO / "ssl" / "pretrain.py"), *args, f"out={tmp_path / 'two'}"],
-                         env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+    ]
+    run = subprocess.run(
+        [*launch, str(REPO / "ssl" / "pretrain.py"), *args, f"out={tmp_path / 'two'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 5
@@ -142,7 +234,9 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     # invariant; the final LayerNorm bias: the projector's BatchNorm removes shifts). Adam turns
     # their float noise into full-size steps, so those entries are left out of the comparison.
     for state in (a, b):  # keep the query and value biases (embed_dim 32: q, k, v rows of 32)
-        state["blocks.0.attn.qkv.bias"] = torch.cat([state["blocks.0.attn.qkv.bias"][:32], state["blocks.0.attn.qkv.bias"][64:]])
+        state["blocks.0.attn.qkv.bias"] = torch.cat(
+            [state["blocks.0.attn.qkv.bias"][:32], state["blocks.0.attn.qkv.bias"][64:]]
+        )
     for k in a:
         if k != "norm.bias":
             assert torch.allclose(a[k], b[k], atol=1e-5), k

@@ -1,0 +1,99 @@
+"""The input pipeline: the dataset, two augmented views per image, this process's batch per step.
+
+Map-style datasets go through :class:`~selfsup.ssl.sampling.GlobalBatchSampler` (exact resume,
+W processes = 1 process); streams of WebDataset shards are read in order per process, with
+``length_per_epoch`` images counted as one epoch. DataLoader workers are persistent, memory is
+pinned on GPUs, incomplete batches are dropped.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from selfsup.data import DataOptions, DatasetInfo, build_dataset, is_map_style
+from selfsup.errors import UsageError
+from selfsup.ssl.augment import StreamViews, TwoViews, byol_views
+from selfsup.ssl.sampling import EndlessBatches, GlobalBatchSampler
+from selfsup.ssl.settings import PretrainConfig
+
+
+def _workers_leave_signals_to_the_main_process(_worker_id: int) -> None:
+    # Ctrl-C and scancel signal the whole process group; a worker that died of it would turn the
+    # main process's orderly "save and exit at the next step" into a DataLoader error.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def data_options(config: PretrainConfig) -> DataOptions:
+    return DataOptions(
+        root=config.data_root,
+        on_corrupt="replace",  # every batch keeps its size (keys are all-gathered)
+        val_fraction=config.val_fraction,
+        synthetic_size=config.synthetic_size,
+        synthetic_classes=config.synthetic_classes,
+    )
+
+
+@dataclass
+class Pipeline:
+    dataset: Any
+    info: DatasetInfo
+    steps_per_epoch: int
+    loader: DataLoader
+    sampler: GlobalBatchSampler | None  # None for streams
+    stream: EndlessBatches | None = None
+
+    @property
+    def indexed(self) -> bool:
+        return self.sampler is not None
+
+    def batches(self, epoch: int, first_step: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The (view1, view2) batches of ``epoch`` from step ``first_step`` on."""
+        if self.sampler is None:
+            assert self.stream is not None
+            return self.stream.take(self.steps_per_epoch - first_step)
+        self.sampler.set_position(epoch, first_step)
+        return self.loader
+
+    def facts(self) -> dict[str, Any]:
+        """What the exported checkpoint needs to know about the data."""
+        i = self.info
+        return {"mean": list(i.mean), "std": list(i.std), "num_classes": i.num_classes, "dataset": i.name}
+
+
+def build_pipeline(config: PretrainConfig, rank: int, world: int, device: torch.device) -> Pipeline:
+    dataset, info = build_dataset(config.dataset, "train", None, data_options(config))
+    view1, view2 = byol_views(config.augment, config.model.img_size, info.mean, info.std)
+    workers = config.num_workers
+    common = dict(
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        worker_init_fn=_workers_leave_signals_to_the_main_process,
+    )
+    if is_map_style(dataset):
+        sampler = GlobalBatchSampler(len(dataset), config.batch_size, rank, world, config.seed)
+        loader = DataLoader(TwoViews(dataset, view1, view2), batch_sampler=sampler, **common)
+        pipeline = Pipeline(dataset, info, sampler.steps_per_epoch(), loader, sampler)
+        size = len(dataset)
+    else:
+        if not config.length_per_epoch:
+            raise UsageError(
+                f"{config.dataset} is a stream of shards: set length_per_epoch=<images per epoch>"
+            )
+        views = StreamViews(dataset, view1, view2, config.seed, rank)
+        loader = DataLoader(views, batch_size=config.batch_size // world, drop_last=True, **common)
+        steps = config.length_per_epoch // config.batch_size
+        pipeline = Pipeline(dataset, info, steps, loader, None, EndlessBatches(loader))
+        size = config.length_per_epoch
+    if pipeline.steps_per_epoch == 0:
+        raise UsageError(
+            f"batch_size={config.batch_size} is larger than the dataset ({size} images per epoch)"
+        )
+    return pipeline
