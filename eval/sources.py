@@ -88,6 +88,7 @@ def from_model_name(arch: str, img_size: int | None, patch_size: int | None, see
         img_size=img_size or 224,
         patch_size=patch_size,
         pos_embed="sincos" if arch in MOCO_V3_ARCHS else "learned",
+        init="moco_v3" if arch in MOCO_V3_ARCHS else "timm",
     )
     create_backbone(replace(spec, extra={**spec.extra}))  # an unknown name fails here, with a hint
     return Source(f"{arch} (random init)", "random_init", spec, None, None, seed=seed)

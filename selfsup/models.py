@@ -5,7 +5,11 @@ Transformers") changes three things in a standard ViT, each an option here:
 
 * a fixed 2-D sin-cos position embedding instead of a learned one (``pos_embed="sincos"``);
 * ViT-S with 12 heads instead of timm's 6 (``num_heads=12``, see :data:`MOCO_V3_ARCHS`);
-* a random, frozen patch projection (``frozen_patch_embed=True``).
+* a random, frozen patch projection (``frozen_patch_embed=True``);
+* the official initialisation of ``vits.py`` (``init="moco_v3"``).
+
+The init is part of the spec so that a random-init baseline built from a checkpoint's sidecar
+starts from the same distribution the pretrained weights started from.
 
 Backbones are created without a classifier (``num_classes=0``) unless asked; stages add heads.
 """
@@ -24,6 +28,7 @@ from torch import nn
 from selfsup.errors import UsageError
 
 PosEmbed = Literal["learned", "sincos"]
+Init = Literal["timm", "moco_v3"]
 
 # Short names for the MoCo v3 architectures (official code: vits.py). ViT-S uses 12 heads there.
 MOCO_V3_ARCHS: dict[str, dict[str, Any]] = {
@@ -48,6 +53,7 @@ class BackboneSpec:
     num_heads: int | None = None
     pos_embed: PosEmbed = "sincos"
     frozen_patch_embed: bool = False
+    init: Init = "timm"
     drop_path_rate: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -93,6 +99,8 @@ def create_backbone(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
     except TypeError as err:
         raise UsageError(f"architecture '{name}' does not accept these options {kwargs}: {err}") from None
     if is_vit(model):
+        if spec.init == "moco_v3":
+            moco_v3_init(model)
         if spec.pos_embed == "sincos":
             set_sincos_pos_embed(model)
         if spec.frozen_patch_embed:
@@ -138,6 +146,23 @@ def freeze_patch_embed(model: nn.Module) -> None:
             nn.init.zeros_(proj.bias)
     for p in proj.parameters():
         p.requires_grad_(False)
+
+
+def moco_v3_init(model: nn.Module) -> None:
+    """The official ``vits.py`` initialisation: Q, K and V each Xavier-uniform (not the fused
+    qkv matrix as one), other Linears Xavier-uniform, zero biases, CLS token N(0, 1e-6).
+    The patch projection is a convolution and keeps its own init (see :func:`freeze_patch_embed`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if name.endswith("qkv"):
+                bound = math.sqrt(6.0 / float(module.weight.shape[0] // 3 + module.weight.shape[1]))
+                nn.init.uniform_(module.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    if getattr(model, "cls_token", None) is not None:
+        nn.init.normal_(model.cls_token, std=1e-6)
 
 
 def feature_dim(model: nn.Module) -> int:

@@ -10,7 +10,6 @@ process without gradient and returns ``ctr(q1, k2) + ctr(q2, k1)``.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.distributed as dist
@@ -44,23 +43,6 @@ def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
     parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, k.contiguous())
     return torch.cat(parts), dist.get_rank()
-
-
-def moco_vit_init(model: nn.Module) -> None:
-    """The official ``vits.py`` initialisation: Q, K, V Xavier-uniform each, other Linears
-    Xavier-uniform, zero biases, CLS token N(0, 1e-6). The patch projection is left to
-    :func:`selfsup.models.freeze_patch_embed` / timm (it is not a Linear)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            if "qkv" in name:
-                bound = math.sqrt(6.0 / float(module.weight.shape[0] // 3 + module.weight.shape[1]))
-                nn.init.uniform_(module.weight, -bound, bound)
-            else:
-                nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    if getattr(model, "cls_token", None) is not None:
-        nn.init.normal_(model.cls_token, std=1e-6)
 
 
 class Encoder(nn.Module):

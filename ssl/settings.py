@@ -18,7 +18,9 @@ from selfsup.models import BackboneSpec
 
 
 def _paper_backbone() -> BackboneSpec:
-    return BackboneSpec(arch="moco_vit_small", img_size=224, pos_embed="sincos", frozen_patch_embed=True)
+    return BackboneSpec(
+        arch="moco_vit_small", img_size=224, pos_embed="sincos", frozen_patch_embed=True, init="moco_v3"
+    )
 
 
 @dataclass
@@ -30,7 +32,6 @@ class MocoSettings:
     temperature: float = 0.2
     momentum: float = 0.99  # m0, raised to 1 by a half-cycle cosine when momentum_cosine
     momentum_cosine: bool = True
-    vit_init: Literal["moco", "timm"] = "moco"  # the official vits.py initialisation, or timm's
 
 
 @dataclass

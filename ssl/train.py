@@ -24,9 +24,9 @@ from accelerate.utils import set_seed
 from selfsup.config import save_config
 from selfsup.errors import UsageError
 from selfsup.imagefolder import report_corrupt
-from selfsup.models import create_backbone, is_vit
+from selfsup.models import create_backbone
 from selfsup.ssl import runstate
-from selfsup.ssl.builder import MoCoV3, moco_vit_init
+from selfsup.ssl.builder import MoCoV3
 from selfsup.ssl.export import export_backbone, export_latest
 from selfsup.ssl.monitor import KnnMonitor
 from selfsup.ssl.pipeline import build_pipeline, data_options
@@ -54,9 +54,7 @@ class PretrainResult:
 
 
 def build_model(config: PretrainConfig) -> MoCoV3:
-    backbone = create_backbone(config.model)
-    if is_vit(backbone) and config.moco.vit_init == "moco":
-        moco_vit_init(backbone)
+    backbone = create_backbone(config.model)  # the official init comes with model.init=moco_v3
     m = config.moco
     return MoCoV3(backbone, m.dim, m.mlp_dim, m.temperature, m.proj_layers, m.pred_layers)
 

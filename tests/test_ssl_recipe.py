@@ -1,5 +1,6 @@
 """MoCo v3's recipe, piece by piece, against the formulas of the paper and the official code."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 
 from selfsup.config import load_config
 from selfsup.models import BackboneSpec, create_backbone, sincos_pos_embed
-from selfsup.ssl.builder import MoCoV3, contrastive_loss, gather_keys, moco_vit_init
+from selfsup.ssl.builder import MoCoV3, contrastive_loss, gather_keys
 from selfsup.ssl.heads import predictor, projector
 from selfsup.ssl.schedules import learning_rate, moco_momentum, scaled_lr
 from selfsup.ssl.settings import PretrainConfig
@@ -114,8 +115,7 @@ def test_resnet_heads_have_two_projector_layers_and_no_final_predictor_bn():
 
 
 def test_official_vit_init_treats_q_k_v_separately():
-    model = create_backbone(TINY)
-    moco_vit_init(model)
+    model = create_backbone(dataclasses.replace(TINY, init="moco_v3"))
     qkv = model.blocks[0].attn.qkv.weight
     bound = math.sqrt(6 / (32 + 32))
     assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
