@@ -7,6 +7,7 @@ the report together. The CLI (``probe``) is a thin layer over :func:`run_probe`.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -96,6 +97,11 @@ def _check(config: ProbeConfig) -> None:
     if not config.ks or min(config.ks) < 1:
         raise UsageError(f"ks must be positive integers, got {config.ks}")
     check_feature_kind(config.feature)
+    for name, value, low in (("batch_size", config.batch_size, 1), ("num_workers", config.num_workers, 0)):
+        if value < low:
+            raise UsageError(f"{name} must be at least {low}, got {value}")
+    if config.temperature <= 0:
+        raise UsageError(f"the kNN temperature must be positive (DINO: 0.07), got {config.temperature}")
 
 
 class _Features:
@@ -119,9 +125,11 @@ class _Features:
         model = None
         out = {}
         for split in ("train", "val"):
+            dataset, _ = build_dataset(cfg.dataset, split, transform, cfg.data)  # lists files, decodes nothing
             key = cache_key({
                 "model": source.identity(), "dataset": cfg.dataset, "split": split, "data": _data_identity(cfg.data),
-                "transform": repr(transform), "feature": cfg.feature, "precision": precision,
+                "files": _file_list_digest(dataset), "transform": repr(transform), "feature": cfg.feature,
+                "precision": precision,
             })
             hit = self.cache.get(key)
             if hit is not None:
@@ -131,7 +139,6 @@ class _Features:
             if model is None:
                 model = source.build()
                 check_feature_kind(cfg.feature, model)
-            dataset, _ = build_dataset(cfg.dataset, split, transform, cfg.data)
             start = time.perf_counter()
             feats, labels = extract_features(
                 model, dataset, cfg.feature, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
@@ -146,6 +153,20 @@ class _Features:
             self.accelerator.wait_for_everyone()
             out[split] = (feats, labels, seconds)
         return out
+
+
+def _file_list_digest(dataset) -> str | None:
+    """SHA-256 of an image folder's (path, label) list: added, removed or relabelled files change it.
+
+    Files rewritten in place under the same name are not detected (use --no-cache after that).
+    """
+    indices = getattr(dataset, "indices", None)
+    folder = getattr(dataset, "dataset", dataset)
+    samples = getattr(folder, "samples", None)
+    if samples is None:
+        return None  # torchvision's fixed datasets and the built-in ones
+    chosen = samples if indices is None else [samples[i] for i in indices]
+    return hashlib.sha256("\n".join(f"{p}\t{y}" for p, y in chosen).encode()).hexdigest()
 
 
 def _data_identity(options: DataOptions) -> dict[str, Any]:

@@ -128,6 +128,7 @@ def read_meta(path: str | Path) -> CheckpointMeta:
     try:
         data = json.loads(side.read_text())
         meta = CheckpointMeta(**data)
+        meta.spec  # noqa: B018  (an unknown backbone field fails here, with the sidecar named)
     except (json.JSONDecodeError, TypeError) as err:
         raise UsageError(f"checkpoint sidecar {side} is not a selfsup sidecar ({err})") from None
     if meta.format_version > FORMAT_VERSION:
@@ -227,6 +228,8 @@ def load_backbone(
     if patch_size is not None:
         spec.patch_size = patch_size
     model = create_backbone(spec, num_classes=num_classes)
+    if spec.pos_embed == "sincos" and "pos_embed" in state:
+        state["pos_embed"] = model.pos_embed.detach().clone()  # a fixed table: rebuilt for this grid, never interpolated
     state = adapt_state_dict(state, model)
     own = model.state_dict()
     head_keys = [k for k in state if k.startswith("head.")]

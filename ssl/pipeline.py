@@ -34,6 +34,7 @@ def data_options(config: PretrainConfig) -> DataOptions:
     return DataOptions(
         root=config.data_root,
         on_corrupt="replace",  # every batch keeps its size (keys are all-gathered)
+        shuffle=True,  # shard streams: shuffle shards and samples (indexed data has its own sampler)
         val_fraction=config.val_fraction,
         synthetic_size=config.synthetic_size,
         synthetic_classes=config.synthetic_classes,

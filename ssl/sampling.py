@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from selfsup.errors import UsageError
 from selfsup.ssl.augment import sample_seed
 
 
@@ -73,6 +74,8 @@ class EndlessBatches:
                 try:
                     yield next(self.iterator)
                 except StopIteration:
-                    raise RuntimeError(
-                        "the stream yields no complete batch: fewer images than batch_size per process"
+                    raise UsageError(
+                        "the shard stream yields no complete batch on this process: it got fewer images "
+                        "than batch_size/processes (or fewer shards than processes x workers); "
+                        "use more shards, fewer num_workers or a smaller batch_size"
                     ) from None

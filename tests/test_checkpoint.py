@@ -72,6 +72,14 @@ def test_224_16_vit_loads_into_a_32_4_model_by_resampling(tmp_path):
     assert small(torch.randn(1, 3, 32, 32)).shape == (1, 32)
 
 
+def test_sincos_pos_embed_is_rebuilt_for_the_new_grid_not_interpolated(tmp_path):
+    from selfsup.models import sincos_pos_embed
+
+    path = save_checkpoint(tmp_path / "vit", create_backbone(SPEC).state_dict(), _meta())
+    bigger, _ = load_backbone(path, img_size=64)
+    assert torch.equal(bigger.pos_embed, sincos_pos_embed((16, 16), 32))
+
+
 def test_learned_pos_embed_is_resampled_not_reset(tmp_path):
     spec = BackboneSpec("vit_small_patch16_224", img_size=64, patch_size=16, pos_embed="learned", extra={"depth": 1, "embed_dim": 32, "num_heads": 4})
     model = create_backbone(spec)

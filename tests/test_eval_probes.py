@@ -26,6 +26,25 @@ def test_logistic_regression_reaches_99_percent_and_records_its_sweep():
     assert (result.predictions == yt).mean() * 100 == pytest.approx(result.top1)
 
 
+def test_logistic_regression_picks_c_on_validation_then_refits_on_train_plus_val(monkeypatch):
+    from selfsup.eval import logreg
+
+    calls = []
+    real_fit = logreg._fit
+
+    def recording_fit(x, y, c, *args):
+        calls.append((len(y), c))
+        return real_fit(x, y, c, *args)
+
+    monkeypatch.setattr(logreg, "_fit", recording_fit)
+    (x, y), (xt, yt) = separable(400, 4), separable(100, 5)
+    result = logreg_probe(x, y, xt, yt, LogRegConfig(cs=(1e-4, 1e-2, 1.0), patience=5))
+    sweep = result.details["val_top1_by_C"]
+    assert [c for _, c in calls[:-1]] == [1e-4, 1e-2, 1.0] and all(n < 400 for n, _ in calls[:-1])
+    assert calls[-1] == (400, result.details["C"])  # the refit sees every training sample
+    assert sweep[result.details["C"]] == max(sweep.values())
+
+
 def test_logistic_regression_is_deterministic():
     (x, y), (xt, yt) = separable(300, 2), separable(100, 3)
     a = logreg_probe(x, y, xt, yt, LogRegConfig(cs=(0.01, 1.0)))

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,12 @@ TINY = [
     "resume=never",
     "augment.blur_sigmas=[0.1, 0.5]",
 ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def config(tmp_path, *extra):
@@ -213,7 +220,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29517",
+        str(free_port()),
     ]
     run = subprocess.run(
         [*launch, str(REPO / "ssl" / "pretrain.py"), *args, f"out={tmp_path / 'two'}"],
