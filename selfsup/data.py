@@ -103,10 +103,6 @@ def build_dataset(
     return _REGISTRY[name](split, transform, options)
 
 
-def dataset_info(name: str, options: DataOptions | None = None) -> DatasetInfo:
-    return build_dataset(name, "train", None, options)[1]
-
-
 # --- built in, no download ---------------------------------------------------------------
 
 

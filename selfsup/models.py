@@ -163,7 +163,3 @@ def moco_v3_init(model: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
     if getattr(model, "cls_token", None) is not None:
         nn.init.normal_(model.cls_token, std=1e-6)
-
-
-def feature_dim(model: nn.Module) -> int:
-    return int(model.num_features)
