@@ -136,19 +136,28 @@ def read_meta(path: str | Path) -> CheckpointMeta:
     return meta
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
-    """Tensors and sidecar of a checkpoint; the sidecar's SHA-256 must match the weights."""
+def _weights_file(path: str | Path) -> tuple[Path, CheckpointMeta]:
     target = weights_path(path)
     meta = read_meta(target)
     if not target.is_file():
         raise UsageError(f"checkpoint weights {target} are missing (the sidecar {sidecar_path(target)} exists)")
-    payload = target.read_bytes()
-    digest = hashlib.sha256(payload).hexdigest()
+    return target, meta
+
+
+def _check_digest(target: Path, digest: str, meta: CheckpointMeta) -> str:
     if meta.weights_sha256 and digest != meta.weights_sha256:
         raise UsageError(
             f"{target} does not match its sidecar (SHA-256 {digest[:12]} != {meta.weights_sha256[:12]}); "
             "the files come from different saves: re-export the checkpoint"
         )
+    return digest
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """Tensors and sidecar of a checkpoint; the sidecar's SHA-256 must match the weights."""
+    target, meta = _weights_file(path)
+    payload = target.read_bytes()
+    _check_digest(target, hashlib.sha256(payload).hexdigest(), meta)
     try:
         state = st_load(payload)
     except SafetensorError as err:
@@ -157,11 +166,16 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
 
 
 def content_hash(path: str | Path) -> str:
-    """The weights' SHA-256 as recorded in the sidecar (used as a cache key)."""
-    meta = read_meta(path)
-    if meta.weights_sha256:
-        return meta.weights_sha256
-    return hashlib.sha256(weights_path(path).read_bytes()).hexdigest()
+    """The weights' SHA-256, computed from the file (streamed) and checked against the sidecar.
+
+    A cache key: replaced weights at the same path get a new key, or an error if the sidecar disagrees.
+    """
+    target, meta = _weights_file(path)
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return _check_digest(target, digest.hexdigest(), meta)
 
 
 def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from lightly.models.utils import update_momentum
 from torch import nn
 
-from selfsup.models import is_vit
+from selfsup.models import create_backbone, is_vit
 from selfsup.ssl.heads import predictor, projector
+from selfsup.ssl.settings import PretrainConfig
 
 
 def contrastive_loss(q: torch.Tensor, k_all: torch.Tensor, temperature: float, rank: int = 0) -> torch.Tensor:
@@ -104,3 +105,9 @@ class MoCoV3(nn.Module):
         return contrastive_loss(q1, k2, self.temperature, rank) + contrastive_loss(
             q2, k1, self.temperature, rank
         )
+
+
+def build_model(config: PretrainConfig) -> MoCoV3:
+    """The MoCo v3 module of a run's config (the official init comes with ``model.init=moco_v3``)."""
+    m = config.moco
+    return MoCoV3(create_backbone(config.model), m.dim, m.mlp_dim, m.temperature, m.proj_layers, m.pred_layers)

@@ -17,6 +17,7 @@ from torch import nn
 from selfsup.checkpoint import CheckpointMeta, save_checkpoint
 from selfsup.config import to_dict
 from selfsup.errors import UsageError
+from selfsup.ssl.builder import build_model
 from selfsup.ssl.runstate import load_position, resolve_resume
 from selfsup.ssl.settings import PretrainConfig
 
@@ -41,8 +42,6 @@ def export_backbone(
 
 def export_latest(config: PretrainConfig) -> Path:
     """``export_only=true``: the backbone of the checkpoint ``resume`` points at (default: latest in ``out``)."""
-    from selfsup.ssl.train import build_model  # the model factory lives with the loop
-
     checkpoint = resolve_resume(config.resume if config.resume != "never" else "auto", config.out)
     if checkpoint is None:
         raise UsageError(f"export_only: no complete checkpoint under {config.out}/checkpoints; train first")

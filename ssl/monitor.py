@@ -31,7 +31,6 @@ class KnnMonitor:
     ):
         _, info = build_dataset(dataset, "train", None, options)
         transform = eval_transform(img_size, info.mean, info.std, native_size=info.image_size)
-        options.on_corrupt = "replace"
         train, _ = build_dataset(dataset, "train", transform, options)
         val, _ = build_dataset(dataset, "val", transform, options)
         self.train = _capped(train, train_size)

@@ -24,9 +24,8 @@ from accelerate.utils import set_seed
 from selfsup.config import save_config
 from selfsup.errors import UsageError
 from selfsup.imagefolder import report_corrupt
-from selfsup.models import create_backbone
 from selfsup.ssl import runstate
-from selfsup.ssl.builder import MoCoV3
+from selfsup.ssl.builder import MoCoV3, build_model
 from selfsup.ssl.export import export_backbone, export_latest
 from selfsup.ssl.monitor import KnnMonitor
 from selfsup.ssl.pipeline import build_pipeline, data_options
@@ -51,12 +50,6 @@ class PretrainResult:
     nan_skipped: int = 0
     signal: int | None = None
     monitor: list[dict[str, Any]] = field(default_factory=list)
-
-
-def build_model(config: PretrainConfig) -> MoCoV3:
-    backbone = create_backbone(config.model)  # the official init comes with model.init=moco_v3
-    m = config.moco
-    return MoCoV3(backbone, m.dim, m.mlp_dim, m.temperature, m.proj_layers, m.pred_layers)
 
 
 def make_accelerator(config: PretrainConfig) -> Accelerator:
