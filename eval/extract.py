@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 
 from selfsup.features import extract
 from selfsup.imagefolder import collate_skip_none
+from selfsup.precision import resolve_precision
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """``auto`` is bf16 on GPU and fp32 elsewhere (CPU bf16 is a benchmark option, not a default)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """``auto`` is bf16 where the device runs it natively (GPUs with bf16, CPUs with AVX-512 BF16
+    or AMX) and fp32 elsewhere; ``bf16`` is bf16 anywhere (with a warning where it is emulated)."""
+    mode = resolve_precision("bf16" if precision == "bf16" else "auto" if precision == "auto" else "no", device)
+    return torch.bfloat16 if mode == "bf16" else None
 
 
 @torch.no_grad()

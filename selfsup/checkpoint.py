@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,37 +28,10 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
 from selfsup.errors import UsageError
-from selfsup.models import BackboneSpec, create_backbone, is_vit
+from selfsup.files import atomic_write_bytes
+from selfsup.models import BackboneSpec, create_backbone, is_vit, timm_pretrained_cfg, timm_rebuild_args
 
-FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+FORMAT_VERSION = 2  # 2: the `timm` section (stock-timm rebuild recipe)
 
 
 def library_versions() -> dict[str, str]:
@@ -92,6 +63,8 @@ class CheckpointMeta:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
+    # How stock timm rebuilds the model: {"model_name", "kwargs", "pretrained_cfg"}; see timm_call().
+    timm: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> BackboneSpec:
@@ -107,15 +80,40 @@ def weights_path(path: str | Path) -> Path:
     return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
 
 
-def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta) -> Path:
-    """Save tensors and sidecar; returns the ``.safetensors`` path. Weights first, then the sidecar."""
+def save_checkpoint(
+    path: str | Path, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta, model: nn.Module | None = None
+) -> Path:
+    """Save tensors and sidecar; returns the ``.safetensors`` path. Weights first, then the sidecar.
+
+    With ``model``, the sidecar also records how stock timm rebuilds it (:func:`timm_call`).
+    """
     target = weights_path(path)
+    if model is not None:
+        name, kwargs = timm_rebuild_args(model, meta.spec, meta.num_classes)
+        crop = 1.0 if meta.img_size <= 64 else 0.875  # small images are used whole (see transforms)
+        meta.timm = {
+            "model_name": name,
+            "kwargs": kwargs,
+            "pretrained_cfg": timm_pretrained_cfg(name, meta.num_classes, meta.img_size, meta.mean, meta.std, crop, target.name),
+        }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    payload = st_save(tensors, metadata={"format": "pt", "selfsup_format": str(FORMAT_VERSION)})
+    # One metadata key only: safetensors stores metadata in a hash map whose order varies per
+    # process, so two keys would give identical weights a different SHA-256 in each process.
+    payload = st_save(tensors, metadata={"format": "pt"})
     meta.weights_sha256 = hashlib.sha256(payload).hexdigest()
     atomic_write_bytes(target, payload)
     atomic_write_bytes(sidecar_path(target), json.dumps(asdict(meta), indent=2).encode())
     return target
+
+
+def timm_call(path: str | Path, meta: CheckpointMeta | None = None) -> str:
+    """The Python line that builds this checkpoint's model in stock timm (no selfsup import)."""
+    meta = meta or read_meta(path)
+    if not meta.timm:
+        return ""
+    cfg = dict(meta.timm["pretrained_cfg"], file=str(weights_path(path)))
+    kwargs = "".join(f", {k}={v!r}" for k, v in meta.timm["kwargs"].items())
+    return f"timm.create_model({meta.timm['model_name']!r}, pretrained=True, pretrained_cfg_overlay={cfg!r}{kwargs})"
 
 
 def read_meta(path: str | Path) -> CheckpointMeta:

@@ -163,3 +163,53 @@ def moco_v3_init(model: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
     if getattr(model, "cls_token", None) is not None:
         nn.init.normal_(model.cls_token, std=1e-6)
+
+
+def timm_rebuild_args(model: nn.Module, spec: BackboneSpec, num_classes: int = 0) -> tuple[str, dict[str, Any]]:
+    """The timm model name and every constructor argument that shapes ``model``'s weights.
+
+    Written into checkpoint sidecars so stock ``timm.create_model`` rebuilds the same network
+    without this package: a MoCo v3 ViT-S has 12 heads where timm's ``vit_small_patch16_224`` has
+    6 (same keys, same shapes, different outputs), so nothing may be left to timm's defaults.
+    """
+    name, kwargs = _timm_kwargs(spec)
+    kwargs = {k: v for k, v in kwargs.items() if k != "drop_path_rate"}  # training-only
+    kwargs["num_classes"] = num_classes
+    if is_vit(model):
+        block = model.blocks[0]
+        img = tuple(model.patch_embed.img_size)
+        patch = tuple(model.patch_embed.patch_size)
+        kwargs.update(
+            img_size=img[0] if img[0] == img[1] else list(img),
+            patch_size=patch[0] if patch[0] == patch[1] else list(patch),
+            embed_dim=int(model.embed_dim),
+            depth=len(model.blocks),
+            num_heads=int(block.attn.num_heads),
+            mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+            qkv_bias=block.attn.qkv.bias is not None,
+            class_token=model.cls_token is not None,
+            reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
+            no_embed_class=bool(getattr(model, "no_embed_class", False)),
+            global_pool=model.global_pool,
+        )
+    return name, kwargs
+
+
+def timm_pretrained_cfg(
+    name: str, num_classes: int, img_size: int, mean, std, crop_pct: float = 1.0, file: str | None = None
+) -> dict[str, Any]:
+    """A ``pretrained_cfg`` in timm's shape, for ``pretrained_cfg_overlay`` (``num_classes`` must
+    match the model's, or timm loads non-strictly and would hide missing keys)."""
+    cfg: dict[str, Any] = {
+        "architecture": name,
+        "num_classes": num_classes,
+        "input_size": [3, img_size, img_size],
+        "mean": list(mean),
+        "std": list(std),
+        "crop_pct": crop_pct,
+        "interpolation": "bicubic",
+        "license": "see the producing run",
+    }
+    if file is not None:
+        cfg["file"] = file
+    return cfg

@@ -55,3 +55,5 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(128 + (result.signal or 15))
     if result.backbone is not None:
         print(f"backbone: {result.backbone}")
+        if result.timm_call:
+            print(f"in stock timm (no selfsup needed): import timm; model = {result.timm_call}")

@@ -18,11 +18,10 @@ from selfsup.checkpoint import CheckpointMeta, save_checkpoint
 from selfsup.config import to_dict
 from selfsup.errors import UsageError
 from selfsup.ssl.builder import build_model
-from selfsup.ssl.runstate import load_position, resolve_resume
+from selfsup.ssl.runstate import MODEL_FILE, check_resume_config, load_position, resolve_resume
 from selfsup.ssl.settings import PretrainConfig
 
 BACKBONE_NAME = "backbone"
-MODEL_FILE = "model.safetensors"  # what accelerate's save_state writes for the first model
 
 
 def export_backbone(
@@ -37,7 +36,7 @@ def export_backbone(
         stage="pretrain",
         config=to_dict(config),
     )
-    return save_checkpoint(Path(out or config.out) / BACKBONE_NAME, backbone.state_dict(), meta)
+    return save_checkpoint(Path(out or config.out) / BACKBONE_NAME, backbone.state_dict(), meta, model=backbone)
 
 
 def export_latest(config: PretrainConfig) -> Path:
@@ -45,7 +44,9 @@ def export_latest(config: PretrainConfig) -> Path:
     checkpoint = resolve_resume(config.resume if config.resume != "never" else "auto", config.out)
     if checkpoint is None:
         raise UsageError(f"export_only: no complete checkpoint under {config.out}/checkpoints; train first")
+    position = load_position(checkpoint)
+    check_resume_config(checkpoint, position, to_dict(config), config.force_resume)
     model = build_model(config)
     state = load_file(str(checkpoint / MODEL_FILE))
     model.load_state_dict(state)
-    return export_backbone(model.backbone, config, load_position(checkpoint).data)
+    return export_backbone(model.backbone, config, position.data)

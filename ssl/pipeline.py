@@ -65,7 +65,26 @@ class Pipeline:
     def facts(self) -> dict[str, Any]:
         """What the exported checkpoint needs to know about the data."""
         i = self.info
-        return {"mean": list(i.mean), "std": list(i.std), "num_classes": i.num_classes, "dataset": i.name}
+        return {
+            "mean": list(i.mean), "std": list(i.std), "num_classes": i.num_classes, "dataset": i.name,
+            "classes": list(i.classes),
+        }
+
+    def close(self) -> None:
+        """Stop the DataLoader's worker processes now.
+
+        Persistent workers live in the loader's iterator until it is garbage-collected; torch has no
+        public call to stop them, so the iterator's own shutdown is invoked (it joins the workers
+        with a timeout and then terminates them). Safe to call twice.
+        """
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self.loader._iterator = None
+        if self.stream is not None:
+            self.stream.close()
 
 
 def build_pipeline(config: PretrainConfig, rank: int, world: int, device: torch.device) -> Pipeline:

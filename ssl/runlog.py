@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from selfsup.errors import UsageError
+from selfsup.files import dumps_strict
 
 
 def check_tracker(log_with: str) -> None:
@@ -62,7 +62,7 @@ class RunLog:
 
     def write(self, record: dict[str, Any]) -> None:
         assert self.file is not None
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(dumps_strict(record) + "\n")  # NaN/inf as null: strict JSON readers accept it
         self.file.flush()
 
     def close(self) -> None:

@@ -2,9 +2,11 @@
 
 A checkpoint is ``OUT/checkpoints/step_XXXXXXXX/``: accelerate's ``save_state`` (model,
 optimizer, scaler, every process's RNG states) plus ``runstate.json`` (the step reached, NaN
-counters, the dataset's normalisation), written last. It is assembled under a temporary name
-and renamed when complete, and older ones are deleted only afterwards, so a kill at any moment
-leaves the previous good checkpoint. The epoch and the sampler's position follow from the step.
+counters, the dataset's normalisation, the resolved config, and the name and size of every file
+of the checkpoint), written last. It is assembled under a temporary name and renamed when
+complete, and older ones are deleted only afterwards (renamed away first), so a kill at any moment
+leaves a complete checkpoint; resume skips a damaged one for the one before. The epoch and the
+sampler's position follow from the step.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import contextlib
 import json
 import shutil
 import signal
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfsup.checkpoint import atomic_write_bytes
+from selfsup.files import atomic_write_bytes
 from selfsup.errors import UsageError
 
 STATE_FILE = "runstate.json"
+MODEL_FILE = "model.safetensors"  # what accelerate's save_state writes for the first model
 PREFIX = "step_"
+TMP, OLD, TRASH = ".tmp-", ".old-", ".trash-"  # folders in flight: never read as checkpoints
 
 
 @dataclass
@@ -30,10 +35,51 @@ class Position:
     nan_skipped: int = 0
     nan_streak: int = 0
     data: dict[str, Any] = field(default_factory=dict)  # dataset mean/std/classes, for export
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved config that produced the weights
 
 
 def checkpoint_root(out: str | Path) -> Path:
     return Path(out) / "checkpoints"
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name[len(PREFIX) :])
+
+
+def is_complete(folder: Path) -> bool:
+    """runstate.json (written last) is readable and every file it lists has its recorded size."""
+    try:
+        record = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    files = record.get("files") or {MODEL_FILE: None}  # checkpoints from before the file list
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file() or (size is not None and path.stat().st_size != size):
+            return False
+    return True
+
+
+def _recover(root: Path) -> None:
+    """Undo what a kill left half-done: an old checkpoint set aside and not yet replaced comes back;
+    temporary and trash folders go."""
+    if not root.is_dir():
+        return
+    for aside in root.glob(f"{OLD}{PREFIX}*"):
+        final = root / aside.name[len(OLD) :]
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(final)
+    for stale in [*root.glob(f"{TMP}*"), *root.glob(f"{TRASH}*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint so that no kill leaves it looking complete: rename it away first."""
+    trash = folder.with_name(f"{TRASH}{folder.name}")
+    folder.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def complete_checkpoints(out: str | Path) -> list[Path]:
@@ -42,48 +88,88 @@ def complete_checkpoints(out: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return sorted(found, key=_step_of)
 
 
-def resolve_resume(resume: str, out: str | Path) -> Path | None:
+def resolve_resume(resume: str, out: str | Path, *, recover: bool = True) -> Path | None:
     """``auto``: the latest complete checkpoint in ``out`` (None if there is none); ``never``: None;
-    otherwise the given checkpoint folder, which must exist."""
+    otherwise the given checkpoint folder, which must be complete.
+
+    A latest checkpoint that is damaged (files missing or truncated) is skipped for the one before
+    it, with a warning naming both.
+    """
     if resume == "never":
         return None
     if resume == "auto":
+        if recover:
+            _recover(checkpoint_root(out))
         found = complete_checkpoints(out)
-        return found[-1] if found else None
+        for candidate in reversed(found):
+            if is_complete(candidate):
+                if candidate != found[-1]:
+                    print(
+                        f"warning: {found[-1]} is incomplete (files missing or truncated); "
+                        f"resuming from the previous complete checkpoint {candidate}",
+                        file=sys.stderr,
+                    )
+                return candidate
+        if found:
+            print(f"warning: no complete checkpoint under {checkpoint_root(out)}; starting from step 0", file=sys.stderr)
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise UsageError(
             f"resume={resume}: not a complete checkpoint folder (no {STATE_FILE}); "
             f"use resume=auto, resume=never or a folder such as {checkpoint_root(out)}/{PREFIX}00001000"
         )
+    if not is_complete(path):
+        raise UsageError(f"resume={resume}: the checkpoint's files are missing or truncated; use resume=auto or an older checkpoint")
     return path
 
 
 def load_position(checkpoint: Path) -> Position:
-    return Position(**json.loads((checkpoint / STATE_FILE).read_text()))
+    record = json.loads((checkpoint / STATE_FILE).read_text())
+    record.pop("files", None)
+    return Position(**record)
 
 
 def save(accelerator, out: str | Path, position: Position, keep: int) -> Path:
-    """Collective: every process calls it. Returns the completed checkpoint folder."""
+    """Collective: every process calls it. Returns the completed checkpoint folder.
+
+    Assembled under ``.tmp-step_N`` and renamed into place; a checkpoint of the same step already
+    there is first renamed aside (``.old-step_N``) and deleted only after the new one is in, so at
+    every moment one complete checkpoint of the newest step exists (or is restored by ``_recover``).
+    """
     root = checkpoint_root(out)
     final = root / f"{PREFIX}{position.step:08d}"
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f"{TMP}{final.name}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _recover(root)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # e.g. out of disk: free what was written
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_bytes(tmp / STATE_FILE, json.dumps(asdict(position), indent=1).encode())
+        try:
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            record = {**asdict(position), "files": files}
+            atomic_write_bytes(tmp / STATE_FILE, json.dumps(record, indent=1).encode())
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        aside = root / f"{OLD}{final.name}"
         if final.exists():  # the same step saved twice (e.g. end of run after a signal save)
-            shutil.rmtree(final)
+            final.rename(aside)
         tmp.rename(final)
+        if aside.exists():
+            shutil.rmtree(aside, ignore_errors=True)
         for old in complete_checkpoints(out)[: -max(1, keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -125,3 +211,52 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# Settings that may differ between a checkpoint and the run that resumes it: where and how the run
+# is driven, not what it computes. Anything else changes the recipe mid-run and is refused.
+RESUMABLE_CHANGES = frozenset({
+    "out", "resume", "force_resume", "export_only", "data_root", "max_steps",
+    "save_every_steps", "save_every_epochs", "keep_checkpoints", "log_every", "log_with", "progress_bar",
+    "num_workers", "threads", "mixed_precision", "max_nan_steps",
+    "monitor_every", "monitor_at_start", "monitor_train_size", "monitor_val_size", "monitor_k",
+})
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting outside :data:`RESUMABLE_CHANGES` that differs."""
+    old, new = _flatten(stored), _flatten(requested)
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key.split(".")[0] in RESUMABLE_CHANGES:
+            continue
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            changed.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
+    return changed
+
+
+def check_resume_config(checkpoint: Path, position: Position, requested: dict[str, Any], force: bool) -> None:
+    """Refuse to continue a run under another recipe (one line listing the differing keys)."""
+    if not position.config:  # checkpoints from before configs were recorded
+        return
+    changed = config_changes(position.config, requested)
+    if not changed:
+        return
+    listed = "; ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
+    if force:
+        print(f"warning: force_resume=true: continuing {checkpoint} with changed settings: {listed}", file=sys.stderr)
+        return
+    raise UsageError(
+        f"{checkpoint} was trained with other settings ({listed}); resuming would mix two recipes in one run. "
+        "Start fresh with a new out=..., or add force_resume=true to continue anyway"
+    )

@@ -79,3 +79,10 @@ class EndlessBatches:
                         "than batch_size/processes (or fewer shards than processes x workers); "
                         "use more shards, fewer num_workers or a smaller batch_size"
                     ) from None
+
+    def close(self) -> None:
+        """Stop the stream's worker processes (see :meth:`Pipeline.close`)."""
+        shutdown = getattr(self.iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.iterator = None

@@ -73,13 +73,14 @@ class PretrainConfig:
     seed: int = 0
     num_workers: int = 8  # DataLoader workers per process
     threads: int | None = None  # torch threads per process; 1 keeps a shared CPU from thrashing
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where native (GPU, AVX-512 BF16/AMX)
     val_fraction: float = 0.1  # held out of folders without val/ (used by the monitor only)
     length_per_epoch: int | None = None  # samples per epoch; required for WebDataset shards
     synthetic_size: int = 256
     synthetic_classes: int = 4
     # run management
     resume: str = "auto"  # "auto": latest checkpoint in `out` if any; "never"; or a checkpoint folder
+    force_resume: bool = False  # continue a checkpoint even though recipe settings changed (listed in a warning)
     save_every_steps: int = 0  # 0: off
     save_every_epochs: int = 1
     keep_checkpoints: int = 2

@@ -10,6 +10,7 @@ checkpoint from before), SIGTERM/SIGINT save a checkpoint at the next step bound
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from selfsup.config import save_config
+from selfsup.checkpoint import timm_call
+from selfsup.config import save_config, to_dict
 from selfsup.errors import UsageError
+from selfsup.files import describe_os_error, ensure_writable_dir, is_user_os_error
 from selfsup.imagefolder import report_corrupt
+from selfsup.precision import resolve_precision
 from selfsup.ssl import runstate
 from selfsup.ssl.builder import MoCoV3, build_model
 from selfsup.ssl.export import export_backbone, export_latest
@@ -36,7 +40,7 @@ from selfsup.ssl.syncbn import convert_batchnorm
 
 
 class TrainingDiverged(Exception):
-    """``max_nan_steps`` non-finite losses in a row; the last checkpoint predates them."""
+    """``max_nan_steps`` non-finite losses in a row; the last checkpoint (if any) predates them."""
 
 
 @dataclass
@@ -50,13 +54,17 @@ class PretrainResult:
     nan_skipped: int = 0
     signal: int | None = None
     monitor: list[dict[str, Any]] = field(default_factory=list)
+    timm_call: str = ""  # how stock timm rebuilds the exported backbone
 
 
 def make_accelerator(config: PretrainConfig) -> Accelerator:
+    """The run's Accelerator; ``config.mixed_precision`` is resolved (``auto`` -> bf16 or no) in place."""
     check_tracker(config.log_with)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config.mixed_precision = resolve_precision(config.mixed_precision, device)  # type: ignore[assignment]
     # `accelerate launch --multi_gpu` on a machine without GPUs starts W processes but accelerate
     # only joins them (gloo, MULTI_CPU) when told to use the CPU.
-    kwargs: dict[str, Any] = {"cpu": not torch.cuda.is_available(), "mixed_precision": config.mixed_precision}
+    kwargs: dict[str, Any] = {"cpu": device == "cpu", "mixed_precision": config.mixed_precision}
     if config.log_with != "none":
         kwargs.update(log_with=config.log_with, project_dir=config.out)
     try:
@@ -80,11 +88,35 @@ def _agree(accelerator: Accelerator, loss: torch.Tensor, stop: bool) -> tuple[fl
 
 
 def train(config: PretrainConfig) -> PretrainResult:
-    if config.export_only:
-        return PretrainResult("exported", Path(config.out), 0, 0, backbone=export_latest(config))
+    """Run (or continue) the pretraining ``config`` describes; see the module docstring.
+
+    A disk error the user can fix (no space, no permission, read-only) becomes one
+    :class:`UsageError` line naming the last good checkpoint, which the atomic saves keep intact.
+    """
+    try:
+        if config.export_only:
+            return PretrainResult("exported", Path(config.out), 0, 0, backbone=export_latest(config))
+        return _train(config)
+    except OSError as err:
+        if not is_user_os_error(err):
+            raise
+        found = runstate.complete_checkpoints(config.out)
+        last = f"the last good checkpoint {found[-1]} is intact" if found else "no checkpoint had been saved yet"
+        raise UsageError(
+            f"cannot write the run's files ({describe_os_error(err)}); {last}: "
+            f"free space or fix permissions, then rerun with out={config.out} resume=auto"
+        ) from None
+
+
+def _train(config: PretrainConfig) -> PretrainResult:
     out = Path(config.out)
+    ensure_writable_dir(out, "out=")  # before any work: a run must be able to save
+    asked = config.mixed_precision
     accelerator = make_accelerator(config)
     world, rank = accelerator.num_processes, accelerator.process_index
+    if accelerator.is_main_process:
+        why = f" (auto: {'bf16 is native' if config.mixed_precision == 'bf16' else 'no native bf16'} on {accelerator.device.type})"
+        print(f"precision: {config.mixed_precision}{why if asked == 'auto' else ''}", file=sys.stderr)
     if config.batch_size % world:
         raise UsageError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
     if config.threads:
@@ -92,6 +124,17 @@ def train(config: PretrainConfig) -> PretrainResult:
     set_seed(config.seed)  # the same initial weights in every process
 
     pipeline = build_pipeline(config, rank, world, accelerator.device)
+    try:
+        return _run(config, accelerator, pipeline)
+    finally:
+        # Every exit path (error, divergence, signal, success) stops the DataLoader workers: they
+        # ignore SIGTERM (see pipeline), so a process left waiting for them would never exit.
+        pipeline.close()
+
+
+def _run(config: PretrainConfig, accelerator: Accelerator, pipeline) -> PretrainResult:
+    out = Path(config.out)
+    world = accelerator.num_processes
     steps_per_epoch = pipeline.steps_per_epoch
 
     model = build_model(config)
@@ -104,11 +147,21 @@ def train(config: PretrainConfig) -> PretrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     moco: MoCoV3 = accelerator.unwrap_model(model)
 
-    position = runstate.Position(data=pipeline.facts())
-    checkpoint = runstate.resolve_resume(config.resume, out)
+    requested = to_dict(config)
+    position = runstate.Position(data=pipeline.facts(), config=requested)
+    checkpoint = runstate.resolve_resume(config.resume, out, recover=accelerator.is_main_process)
     if checkpoint is not None:
+        stored = runstate.load_position(checkpoint)
+        runstate.check_resume_config(checkpoint, stored, requested, config.force_resume)
         accelerator.load_state(str(checkpoint))
-        position = runstate.load_position(checkpoint)
+        position = stored
+        position.config = requested
+        if not pipeline.indexed and accelerator.is_main_process:
+            print(
+                f"warning: resuming a stream of shards at step {position.step}: the stream restarts from the "
+                "start of its shards instead of skipping the samples already seen (see docs/data.md)",
+                file=sys.stderr,
+            )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         runstate.truncate_log(out / "log.jsonl", position.step)
@@ -205,10 +258,17 @@ def train(config: PretrainConfig) -> PretrainResult:
                     position.step += 1
                     in_epoch += 1
                     if position.nan_streak >= config.max_nan_steps:
-                        raise TrainingDiverged(
-                            f"loss was NaN/inf for {position.nan_streak} steps in a row (up to step {position.step - 1}); "
-                            f"the last checkpoint in {runstate.checkpoint_root(out)} predates the divergence: "
+                        saved = runstate.complete_checkpoints(out)
+                        where = (
+                            f"the last checkpoint {saved[-1]} predates the divergence: "
                             "lower optim.base_lr, set optim.clip_grad or use mixed_precision=no, then resume=auto"
+                            if saved
+                            else "no checkpoint was saved before it: lower optim.base_lr, set optim.clip_grad "
+                            "or use mixed_precision=no and start again"
+                        )
+                        raise TrainingDiverged(
+                            f"loss was NaN/inf for {position.nan_streak} steps in a row "
+                            f"(up to step {position.step - 1}); {where}"
                         )
                     if position.step >= end:
                         break
@@ -237,6 +297,7 @@ def train(config: PretrainConfig) -> PretrainResult:
                 save()
             if accelerator.is_main_process:
                 result.backbone = export_backbone(moco.backbone, config, position.data)
+                result.timm_call = timm_call(result.backbone)
                 if pipeline.indexed:
                     report_corrupt(pipeline.dataset)
             accelerator.wait_for_everyone()

@@ -2,14 +2,17 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+import timm
 import torch
 
 from selfsup import checkpoint as ckpt
-from selfsup.checkpoint import CheckpointMeta, load_backbone, load_checkpoint, save_checkpoint
+from selfsup.checkpoint import CheckpointMeta, load_backbone, load_checkpoint, save_checkpoint, timm_call
 from selfsup.errors import UsageError
-from selfsup.models import BackboneSpec, create_backbone
+from selfsup.models import MOCO_V3_ARCHS, BackboneSpec, create_backbone
 
 SPEC = BackboneSpec("vit_small_patch16_224", img_size=32, patch_size=4, extra={"depth": 2, "embed_dim": 32, "num_heads": 4})
 
@@ -123,3 +126,50 @@ def test_classifier_head_is_kept_when_sizes_match(tmp_path):
     backbone, _ = load_backbone(path)
     assert isinstance(backbone.head, torch.nn.Identity)
     ckpt.read_meta(path)
+
+
+@pytest.mark.parametrize("alias", sorted(MOCO_V3_ARCHS))
+def test_stock_timm_rebuilds_every_alias_from_the_sidecar_alone(tmp_path, alias):
+    spec = BackboneSpec(arch=alias, img_size=32, frozen_patch_embed=True, init="moco_v3")
+    ours = create_backbone(spec).eval()
+    meta = CheckpointMeta(backbone=spec.to_dict(), img_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, stage="pretrain")
+    path = save_checkpoint(tmp_path / "backbone", ours.state_dict(), meta, model=ours)
+    side = json.loads(path.with_suffix(".json").read_text())["timm"]  # no selfsup below this line
+    stock = timm.create_model(
+        side["model_name"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(side["pretrained_cfg"], file=str(path)),
+        **side["kwargs"],
+    ).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(stock(x), ours(x), atol=1e-5)
+    heads = {"moco_vit_small": 12, "moco_vit_base": 12, "moco_vit_tiny": 3}[alias]
+    assert side["kwargs"]["num_heads"] == heads and side["pretrained_cfg"]["num_classes"] == 0
+    assert "pretrained_cfg_overlay" in timm_call(path)
+
+
+def test_the_timm_defaults_alone_would_build_a_different_vit_small(tmp_path):
+    """Why the sidecar spells out every argument: timm's ViT-S has 6 heads, MoCo v3's 12."""
+    spec = BackboneSpec(arch="moco_vit_small", img_size=32)
+    ours = create_backbone(spec).eval()
+    plain = timm.create_model("vit_small_patch16_224", img_size=32, num_classes=0).eval()
+    plain.load_state_dict(ours.state_dict(), strict=True)  # loads without complaint...
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), ours(x), atol=1e-3)  # ...and computes something else
+
+
+def test_identical_weights_get_identical_hashes_in_different_processes(tmp_path):
+    script = (
+        "import sys, torch; from selfsup.checkpoint import CheckpointMeta, save_checkpoint; "
+        "from selfsup.models import BackboneSpec; torch.manual_seed(0); "
+        "state = {'b': torch.randn(3), 'a': torch.randn(2, 2)}; "
+        "meta = CheckpointMeta(backbone=BackboneSpec().to_dict(), img_size=32, mean=(0.5,)*3, std=(0.5,)*3, stage='test'); "
+        "save_checkpoint(sys.argv[1], state, meta); print(meta.weights_sha256)"
+    )
+    hashes = {
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"w{i}")], capture_output=True, text=True, check=True).stdout
+        for i in range(3)
+    }
+    assert len(hashes) == 1

@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -20,6 +21,10 @@ class Run:
     amp: bool = False
     optim: Optim = field(default_factory=Optim)
     note: str | None = None
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    name: str = "run"
+    limit: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -33,7 +38,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
 def test_unknown_key_names_the_closest_valid_one():
     with pytest.raises(UsageError, match=r"unknown config key 'epoch' \(did you mean 'epochs'\?\)"):
         load_config(Run, None, ["epoch=3"])
-    with pytest.raises(UsageError, match=r"'optim.lrr' \(did you mean 'lr'\?\)"):
+    with pytest.raises(UsageError, match=r"'optim.lrr' \(did you mean 'optim.lr'\?\)"):
         load_config(Run, None, ["optim.lrr=3"])
 
 
@@ -54,3 +59,47 @@ def test_resolved_config_round_trips(tmp_path):
 def test_missing_config_file_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         load_config(Run, tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "field_name", "expected"),
+    [
+        ("precision=no", "precision", "no"),  # YAML 1.1 would read a boolean False
+        ("name=off", "name", "off"),
+        ("name=yes", "name", "yes"),
+        ("name=1e-3", "name", "1e-3"),  # a string field keeps the text
+        ("name=007", "name", "007"),
+        ("name=", "name", ""),
+        ("amp=yes", "amp", True),
+        ("amp=no", "amp", False),
+        ("amp=False", "amp", False),
+        ("amp=1", "amp", True),
+        ("epochs=12", "epochs", 12),
+        ("note=null", "note", None),
+        ("note=no", "note", "no"),
+        ("limit=~", "limit", None),
+        ("limit=5", "limit", 5),
+        ("extra.depth=4", "extra", {"depth": 4}),
+    ],
+)
+def test_an_override_is_typed_by_the_field_it_sets(override, field_name, expected):
+    assert getattr(load_config(Run, None, [override]), field_name) == expected
+
+
+def test_numbers_and_lists_parse_by_their_field_types():
+    cfg = load_config(Run, None, ["optim.lr=1e-3", "optim.betas=[0.8, 0.99]"])
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == (0.8, 0.99)
+    with pytest.raises(UsageError, match="expects 2 values"):
+        load_config(Run, None, ["optim.betas=0.8"])
+    with pytest.raises(UsageError, match="must be one of 'auto', 'no', 'bf16', 'fp16', got 'fp8'"):
+        load_config(Run, None, ["precision=fp8"])
+    with pytest.raises(UsageError, match="'optim' is a group of settings"):
+        load_config(Run, None, ["optim=3"])
+
+
+def test_a_yaml_boolean_for_a_string_field_says_to_quote_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("precision: no\n")
+    with pytest.raises(UsageError, match="quote the value"):
+        load_config(Run, path)

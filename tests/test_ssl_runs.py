@@ -192,7 +192,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
 def test_bad_config_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["optim.base_rl=1"])
-    assert exit_info.value.code == 2 and "did you mean 'base_lr'" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "did you mean 'optim.base_lr'" in capsys.readouterr().err
 
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
