@@ -16,12 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade-strategy only-if-needed -e '.[dev,$(FAISS)]'
 	@touch $@
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check .
+# CI (.ci/run) calls this target: the same lint as `make lint`, then the tests.
+test: lint
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The whole pipeline on scikit-learn's digits: pretrain -> evaluate (SSL vs random init).
 demo: $(STAMP)

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=_ints, help="kNN k values, e.g. 10,20,100,200")
     p.add_argument("--temperature", type=float)
     p.add_argument("--knn-backend", choices=["auto", "faiss-gpu", "faiss-cpu", "torch"])
-    p.add_argument("--linear-protocol", choices=["sklearn", "torch"])
+    p.add_argument("--linear-protocol", metavar="{sklearn,mocov3,mae}",
+                   help="sklearn (CLIP, default), mocov3 (main_lincls.py) or mae (main_linprobe.py); checked by the probe")
     p.add_argument("--img-size", type=int)
     p.add_argument("--patch-size", type=int)
     p.add_argument("--batch-size", type=int)

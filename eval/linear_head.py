@@ -1,18 +1,26 @@
-"""Linear probe by SGD on a linear head over frozen (cached) features: the MoCo v3 protocol.
+"""Linear probes by gradient descent on a linear head over a frozen backbone: published protocols.
 
-Chen, Xie & He (2021), MoCo v3, ``main_lincls.py``: SGD with momentum 0.9, weight decay 0, a
-cosine learning-rate schedule, 90 epochs, batch 1024, lr 3 per 256 samples (12 at 1024), the head
-initialised N(0, 0.01) with zero bias. ``batchnorm=True`` puts MAE's parameter-free
-BatchNorm1d(affine=False, eps=1e-6) before the head (He et al., 2022), which makes one learning
-rate work for backbones whose feature scales differ (e.g. trained vs random init).
+Two recipes, each as its official script runs it (see :class:`MoCoV3Protocol`, :class:`MAEProtocol`):
 
-Unlike the papers this trains on cached features, so there is no crop/flip augmentation: it is
-the fast variant (seconds on CPU), comparable across backbones but not to published numbers.
+* ``mocov3``: Chen, Xie & He (2021), ``main_lincls.py``: a bare linear head, SGD, cosine per epoch;
+* ``mae``: He et al. (2022), ``main_linprobe.py``: BatchNorm1d(affine=False) + linear head, LARS,
+  warm-up then cosine per iteration.
+
+By default the head trains on cached features of the eval transform (no augmentation: seconds on
+CPU, comparable across backbones but not with published numbers). With ``augment=True`` the caller
+passes ``augmented``, a callable giving each epoch's batches of features of RandomResizedCrop +
+flip views embedded by the frozen backbone (:mod:`selfsup.eval.augment`), as both official scripts
+train; the test set is always the cached eval features.
+
+The learning rate is ``base_lr x batch / 256`` with the batch actually used: a batch larger than
+the training set is clamped to it, and the rate scales with the clamped batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,27 +30,199 @@ from torch import nn
 from selfsup.errors import UsageError
 from selfsup.eval.logreg import LinearProbeResult, topk_accuracy
 
+AugmentedBatches = Callable[[int, int, bool], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+"""``augmented(epoch, batch_size, drop_last)``: that epoch's shuffled (features, labels) batches."""
+
+
+@dataclass(frozen=True)
+class HeadProtocol:
+    """A linear-probe recipe; the published ones are :class:`MoCoV3Protocol` and :class:`MAEProtocol`."""
+
+    name: str
+    source: str
+    optimizer: str  # "sgd" | "lars"
+    batchnorm: bool  # BatchNorm1d(affine=False, eps=1e-6) before the head
+    init: str  # "normal" | "trunc_normal" (std 0.01, bias 0)
+    base_lr: float  # per 256 samples
+    batch_size: int
+    epochs: int
+    warmup_epochs: int
+    schedule: str  # "cosine_per_epoch" | "warmup_cosine_per_iter"
+    momentum: float
+    weight_decay: float
+    drop_last: bool  # the training loader drops the last partial batch
+    interpolation: str  # of the RandomResizedCrop views (augment=True)
+
+
+@dataclass(frozen=True)
+class MoCoV3Protocol(HeadProtocol):
+    """MoCo v3 linear classification (Chen, Xie & He 2021), facebookresearch/moco-v3 ``main_lincls.py``.
+
+    SGD (momentum 0.9, ``--wd`` default 0) on the head alone, initialised N(0, 0.01) with zero bias,
+    no BatchNorm; lr = ``--lr`` x batch / 256 with ``--lr=3`` for ViT (CONFIG.md, "ViT-Small/Base,
+    linear classification") at the default batch 1024 (lr 12); 90 epochs; cosine decay set once per
+    epoch, ``lr x 0.5 (1 + cos(pi epoch / epochs))`` (``adjust_learning_rate``); no warm-up; the
+    loader keeps the last partial batch; training views RandomResizedCrop(224) (scale 0.08-1,
+    bilinear) + horizontal flip.
+    """
+
+    name: str = "mocov3"
+    source: str = "MoCo v3 main_lincls.py"
+    optimizer: str = "sgd"
+    batchnorm: bool = False
+    init: str = "normal"
+    base_lr: float = 3.0
+    batch_size: int = 1024
+    epochs: int = 90
+    warmup_epochs: int = 0
+    schedule: str = "cosine_per_epoch"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    drop_last: bool = False
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class MAEProtocol(HeadProtocol):
+    """MAE linear probing (He et al. 2022, App. A.2), facebookresearch/mae ``main_linprobe.py``.
+
+    BatchNorm1d(affine=False, eps=1e-6) before the head, head weight trunc_normal(std 0.01) and zero
+    bias; LARS (``util/lars.py``: momentum 0.9, trust coefficient 0.001, 1-D parameters excluded
+    from weight decay and from the trust ratio) with weight decay 0; lr = ``--blr`` 0.1 x batch /
+    256, batch 16384 in the paper (Table 9); 90 epochs; 10 warm-up epochs then a half cosine to 0,
+    set every iteration at the fractional epoch (``util/lr_sched.py``); ``drop_last=True``; training
+    views RandomResizedCrop(224, bicubic; scale 0.08-1) + horizontal flip.
+    """
+
+    name: str = "mae"
+    source: str = "MAE main_linprobe.py"
+    optimizer: str = "lars"
+    batchnorm: bool = True
+    init: str = "trunc_normal"
+    base_lr: float = 0.1
+    batch_size: int = 16384
+    epochs: int = 90
+    warmup_epochs: int = 10
+    schedule: str = "warmup_cosine_per_iter"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    drop_last: bool = True
+    interpolation: str = "bicubic"
+
+
+PROTOCOLS: dict[str, HeadProtocol] = {"mocov3": MoCoV3Protocol(), "mae": MAEProtocol()}
+
 
 @dataclass
 class LinearHeadConfig:
-    epochs: int = 90
-    batch_size: int = 1024
-    base_lr: float = 3.0  # per 256 samples (MoCo v3, ViT linear probe)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batchnorm: bool = True
+    """Overrides of the chosen protocol (``None``: the protocol's own value) and run options."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    base_lr: float | None = None  # per 256 samples
+    warmup_epochs: int | None = None  # mae only
+    weight_decay: float | None = None
+    augment: bool = False  # train on RandomResizedCrop + flip views through the frozen backbone
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
 
 
-def linear_head(dim: int, num_classes: int, batchnorm: bool = True) -> nn.Module:
-    """The probe: [BatchNorm1d without affine] + Linear, initialised N(0, 0.01), bias 0."""
+def resolve_protocol(name: str, config: LinearHeadConfig | None = None) -> HeadProtocol:
+    """The named protocol with the non-``None`` overrides of ``config`` applied and checked."""
+    if name == "torch":
+        raise UsageError(
+            "linear protocol 'torch' was replaced by the published recipes: use --linear-protocol mocov3 "
+            "(SGD, no BatchNorm) or mae (BatchNorm + LARS)"
+        )
+    if name not in PROTOCOLS:
+        raise UsageError(f"unknown linear protocol '{name}'; expected sklearn, mocov3 or mae")
+    config = config or LinearHeadConfig()
+    overrides = {
+        k: getattr(config, k)
+        for k in ("epochs", "batch_size", "base_lr", "warmup_epochs", "weight_decay")
+        if getattr(config, k) is not None
+    }
+    protocol = dataclasses.replace(PROTOCOLS[name], **overrides)
+    if protocol.epochs < 1 or protocol.batch_size < 1:
+        raise UsageError(
+            f"linear_head.epochs and linear_head.batch_size must be at least 1, got {protocol.epochs} "
+            f"and {protocol.batch_size}"
+        )
+    if protocol.base_lr <= 0 or protocol.weight_decay < 0:
+        raise UsageError(
+            f"linear_head.base_lr must be positive and weight_decay non-negative, got {protocol.base_lr} "
+            f"and {protocol.weight_decay}"
+        )
+    if protocol.schedule == "cosine_per_epoch" and protocol.warmup_epochs:
+        raise UsageError(
+            f"linear_head.warmup_epochs={protocol.warmup_epochs}: the mocov3 protocol has no warm-up; "
+            "leave it unset or use --linear-protocol mae"
+        )
+    if not 0 <= protocol.warmup_epochs < protocol.epochs:
+        raise UsageError(
+            f"linear_head.warmup_epochs must be in [0, epochs={protocol.epochs}), got {protocol.warmup_epochs}"
+        )
+    return protocol
+
+
+def learning_rate(protocol: HeadProtocol, peak_lr: float, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of iteration ``step`` (0-based), as the protocol's script sets it before that step.
+
+    ``cosine_per_epoch`` (MoCo v3): ``peak x 0.5 (1 + cos(pi e / E))`` with e the integer epoch.
+    ``warmup_cosine_per_iter`` (MAE): at the fractional epoch t = step / steps_per_epoch,
+    ``peak x t / W`` while t < W, then ``peak x 0.5 (1 + cos(pi (t - W) / (E - W)))``.
+    """
+    epochs, warmup = protocol.epochs, protocol.warmup_epochs
+    if protocol.schedule == "cosine_per_epoch":
+        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * (step // steps_per_epoch) / epochs))
+    t = step / steps_per_epoch
+    if t < warmup:
+        return peak_lr * t / warmup
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / (epochs - warmup)))
+
+
+def linear_head(dim: int, num_classes: int, batchnorm: bool = True, init: str = "normal") -> nn.Module:
+    """The probe: [BatchNorm1d(affine=False, eps=1e-6)] + Linear, weights std 0.01 (normal or truncated), bias 0."""
     fc = nn.Linear(dim, num_classes)
-    nn.init.normal_(fc.weight, std=0.01)
+    if (
+        init == "trunc_normal"
+    ):  # MAE calls timm's trunc_normal_, torch's twin: bounds +-2 absolute (+-200 std)
+        nn.init.trunc_normal_(fc.weight, std=0.01, a=-2.0, b=2.0)
+    else:
+        nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
     if not batchnorm:
         return fc
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), fc)
+
+
+def make_optimizer(protocol: HeadProtocol, head: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD (MoCo v3) or LARS (MAE) over the head's parameters.
+
+    LARS is timm's ``Lars`` in two groups: matrices with ``always_adapt=True`` (MAE applies the
+    trust ratio even at weight decay 0) and ``eps=0``, vectors (biases) without adaptation or weight
+    decay, as MAE's ``util/lars.py`` treats parameters of at most one dimension. At weight decay 0
+    this is MAE's update exactly; above 0 timm's trust ratio divides by ||g|| + wd ||w|| (NVIDIA
+    LARC) where MAE divides by ||g + wd w||.
+    """
+    if protocol.optimizer == "sgd":
+        return torch.optim.SGD(
+            head.parameters(), lr=lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay
+        )
+    from timm.optim import Lars
+
+    matrices = [p for p in head.parameters() if p.ndim > 1]
+    vectors = [p for p in head.parameters() if p.ndim <= 1]
+    return Lars(
+        [
+            {"params": matrices, "weight_decay": protocol.weight_decay, "always_adapt": True},
+            {"params": vectors, "weight_decay": 0.0, "always_adapt": False},
+        ],
+        lr=lr,
+        momentum=protocol.momentum,
+        trust_coeff=0.001,
+        eps=0.0,
+    )
 
 
 def train_linear_head(
@@ -52,59 +232,108 @@ def train_linear_head(
     test_y: np.ndarray | torch.Tensor,
     config: LinearHeadConfig | None = None,
     num_classes: int | None = None,
+    protocol: str = "mocov3",
+    augmented: AugmentedBatches | None = None,
 ) -> LinearProbeResult:
-    """Train the head on (train_x, train_y), return accuracy and predictions on (test_x, test_y)."""
+    """Train the protocol's head on (train_x, train_y), or on ``augmented`` batches; score on (test_x, test_y).
+
+    With ``augmented`` the training features are drawn from it each epoch; ``train_x`` then only
+    gives the feature size and the number of training samples (which sets the steps per epoch).
+    """
     config = config or LinearHeadConfig()
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
+    recipe = resolve_protocol(protocol, config)
+    if config.augment and augmented is None:
+        raise UsageError(
+            "linear_head.augment=true needs the backbone and images: run it through `probe`, or pass "
+            "augmented= (see selfsup.eval.augment)"
+        )
+    device = torch.device(
+        "cuda"
+        if config.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if config.device == "auto" else config.device)
+    )
     x = torch.as_tensor(np.asarray(train_x), dtype=torch.float32, device=device)
     y = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
     xt = torch.as_tensor(np.asarray(test_x), dtype=torch.float32, device=device)
     if not (torch.isfinite(x).all() and torch.isfinite(xt).all()):
         raise UsageError("features contain NaN or inf: the backbone diverged or the checkpoint is broken")
     num_classes = num_classes or int(y.max()) + 1
+    batch = min(recipe.batch_size, len(x))  # clamped to the training set; the lr follows the batch used
+    if recipe.batchnorm and batch < 2:
+        raise UsageError(
+            f"the {recipe.name} protocol's BatchNorm needs batches of at least 2 samples, got {batch} "
+            "(more training samples or a larger linear_head.batch_size)"
+        )
+    lr = recipe.base_lr * batch / 256
+    steps_per_epoch = len(x) // batch if recipe.drop_last else math.ceil(len(x) / batch)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    head = linear_head(x.shape[1], num_classes, config.batchnorm).to(device)
-    batch = min(config.batch_size, len(x))
-    lr = config.base_lr * batch / 256
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(x) / batch)
-    total = max(1, config.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    head = linear_head(x.shape[1], num_classes, recipe.batchnorm, recipe.init).to(device)
+    opt = make_optimizer(recipe, head, lr)
+
+    def cached(epoch: int, size: int, drop_last: bool):
+        order = torch.randperm(len(x), generator=generator).to(device)
+        end = len(x) - len(x) % size if drop_last else len(x)
+        return ((x[order[i : i + size]], y[order[i : i + size]]) for i in range(0, end, size))
+
     threads = torch.get_num_threads()
-    if device.type == "cpu" and x.numel() * num_classes < 50_000_000:
+    if augmented is None and device.type == "cpu" and x.numel() * num_classes < 50_000_000:
         torch.set_num_threads(1)  # tiny steps: intra-op threads cost more in waiting than they save
     try:
-        losses = _train(head, opt, sched, x, y, batch, config.epochs, config.batchnorm, generator)
+        losses = _train(head, opt, recipe, lr, augmented or cached, batch, steps_per_epoch, device)
     finally:
         torch.set_num_threads(threads)
     head.eval()
     with torch.no_grad():
         scores = torch.cat([head(xt[i : i + 4096]) for i in range(0, len(xt), 4096)]).cpu().numpy()
     top1, top5 = topk_accuracy(scores, np.asarray(test_y), np.arange(num_classes))
-    details = {"protocol": "torch", "lr": lr, "epochs": config.epochs, "batchnorm": config.batchnorm,
-               "final_train_loss": losses[-1] if losses else None}
+    details = {
+        "protocol": recipe.name,
+        "source": recipe.source,
+        "optimizer": recipe.optimizer.upper(),
+        "batchnorm": recipe.batchnorm,
+        "lr": lr,
+        "base_lr": recipe.base_lr,
+        "batch_size": batch,
+        "epochs": recipe.epochs,
+        "warmup_epochs": recipe.warmup_epochs,
+        "schedule": recipe.schedule,
+        "momentum": recipe.momentum,
+        "weight_decay": recipe.weight_decay,
+        "augment": augmented is not None,
+        "steps": recipe.epochs * steps_per_epoch,
+        "final_train_loss": losses[-1] if losses else None,
+    }
     return LinearProbeResult(top1, top5, scores.argmax(1), details)
 
 
-def _train(head, opt, sched, x, y, batch: int, epochs: int, batchnorm: bool, generator) -> list[float]:
-    """Plain SGD epochs over shuffled mini-batches; returns the mean training loss per epoch."""
+def _train(
+    head,
+    opt,
+    recipe: HeadProtocol,
+    lr: float,
+    batches: AugmentedBatches,
+    batch: int,
+    steps_per_epoch: int,
+    device,
+) -> list[float]:
+    """The protocol's epochs; the lr is set before every step. Returns the mean training loss per epoch."""
     loss_fn = nn.CrossEntropyLoss()
     losses = []
     head.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator).to(x.device)
-        epoch_loss = 0.0
-        for start in range(0, len(x), batch):
-            idx = order[start : start + batch]
-            if len(idx) < 2 and batchnorm:
-                continue  # BatchNorm needs two samples; a lone remainder sample is skipped
-            loss = loss_fn(head(x[idx]), y[idx])
+    for epoch in range(recipe.epochs):
+        total, seen = 0.0, 0
+        for i, (xb, yb) in enumerate(batches(epoch, batch, recipe.drop_last)):
+            xb, yb = xb.to(device, torch.float32), yb.to(device)
+            if len(yb) < 2 and recipe.batchnorm:
+                continue  # BatchNorm needs two samples (a batch thinned by skipped corrupt images)
+            step_lr = learning_rate(recipe, lr, epoch * steps_per_epoch + i, steps_per_epoch)
+            for group in opt.param_groups:
+                group["lr"] = step_lr
+            loss = loss_fn(head(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
-            epoch_loss += loss.item() * len(idx)
-        losses.append(epoch_loss / len(x))
+            total, seen = total + loss.item() * len(yb), seen + len(yb)
+        losses.append(total / max(seen, 1))
     return losses

@@ -3,8 +3,19 @@
 Radford et al. (2021), "Learning Transferable Visual Models From Natural Language Supervision",
 Appendix A.3: scikit-learn's L-BFGS logistic regression, the inverse regularisation strength C
 chosen on a validation split carved from the training data by a log-space sweep, then the model
-refit on train + validation with that C. Features are standardised (fit on the training data)
-first, so one C range suits every backbone. Deterministic: a fixed split and a deterministic solver.
+refit on train + validation with that C. Features are standardised so one C range suits every
+backbone; nothing about the held-out part leaks into the choice of C:
+
+* during the sweep the scaler is fitted on the fitting part only (the held-out part is transformed
+  with the fitting part's statistics, as the real test set is later);
+* the refit fits a new scaler on all training data, then the model with the chosen C;
+* every fit, in the sweep and the refit, starts cold (sklearn's zero initialisation, no warm start
+  along the C path), so the refit is exactly the procedure whose held-out accuracy chose C, run on
+  more data. (A warm-started path reaches other solutions where L-BFGS stops before full
+  convergence: on random-init ViT features of digits, held-out accuracy at C = 1000 was 83.3 warm
+  vs 79.9 cold. Cold starts cost ~1.6x the sweep time there: 1.65 s vs 1.03 s for 7 values.)
+
+Deterministic: a fixed split and a deterministic solver.
 """
 
 from __future__ import annotations
@@ -71,14 +82,13 @@ def _blas_threads(n_values: int) -> int | None:
     return 1 if n_values < 50_000_000 else None
 
 
-def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, init=None):
+def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
+    """One L-BFGS fit from sklearn's cold start: the same starting point for the sweep and the refit."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, warm_start=init is not None)
-    if init is not None:  # continue from the previous C's solution: the sweep is a path
-        clf.coef_, clf.intercept_, clf.classes_ = init.coef_.copy(), init.intercept_.copy(), init.classes_
+    clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)
     with warnings.catch_warnings(), threadpool_limits(_blas_threads(x.size * len(np.unique(y)))):
         warnings.simplefilter("ignore", ConvergenceWarning)
         return clf.fit(x, y)
@@ -105,17 +115,28 @@ def logreg_probe(
         preds = np.full(len(test_y), classes[0])
         top1 = 100.0 * float(np.mean(preds == test_y))
         return LinearProbeResult(top1, top1, preds, {"C": None, "note": "single class"})
-    scaler = StandardScaler().fit(train_x)
-    x, xt = scaler.transform(train_x), scaler.transform(test_x)
     fit_idx, val_idx = _split(train_y, config.val_fraction, config.seed)
-    sweep, model, best, since_best = {}, None, -1.0, 0
+    sweep_scaler = StandardScaler().fit(train_x[fit_idx])  # the held-out part stays unseen
+    x_fit, x_val = sweep_scaler.transform(train_x[fit_idx]), sweep_scaler.transform(train_x[val_idx])
+    sweep, best, since_best = {}, -1.0, 0
     for c in sorted(config.cs):
-        model = _fit(x[fit_idx], train_y[fit_idx], c, config.max_iter, model)
-        sweep[c] = 100.0 * float(np.mean(model.predict(x[val_idx]) == train_y[val_idx]))
+        model = _fit(x_fit, train_y[fit_idx], c, config.max_iter)
+        sweep[c] = 100.0 * float(np.mean(model.predict(x_val) == train_y[val_idx]))
         best, since_best = (sweep[c], 0) if sweep[c] > best else (best, since_best + 1)
         if since_best >= config.patience:
             break
     best_c = max(sweep, key=lambda c: (sweep[c], -abs(np.log10(c))))  # ties: the least extreme C
+    scaler = StandardScaler().fit(train_x)  # the refit: all training data, its own statistics
+    x, xt = scaler.transform(train_x), scaler.transform(test_x)
     final = _fit(x, train_y, best_c, config.max_iter)
     top1, top5 = topk_accuracy(final.predict_proba(xt), test_y, final.classes_)
-    return LinearProbeResult(top1, top5, final.predict(xt), {"protocol": "sklearn", "C": best_c, "val_top1_by_C": sweep})
+    details = {
+        "protocol": "sklearn",
+        "C": best_c,
+        "val_top1_by_C": sweep,
+        "n_fit": len(fit_idx),
+        "n_val": len(val_idx),
+        "start": "cold",
+        "max_iter": config.max_iter,
+    }
+    return LinearProbeResult(top1, top5, final.predict(xt), details)

@@ -19,13 +19,15 @@ import torch
 
 from selfsup.data import DataOptions, DatasetInfo, build_dataset
 from selfsup.errors import UsageError
+from selfsup.eval.augment import probe_augmented_batches
 from selfsup.eval.cache import FeatureCache, cache_key, default_cache_dir
 from selfsup.eval.extract import autocast_dtype, extract_features
 from selfsup.eval.knn import DEFAULT_KS, knn_classify
-from selfsup.eval.linear_head import LinearHeadConfig, train_linear_head
+from selfsup.eval.linear_head import LinearHeadConfig, resolve_protocol, train_linear_head
 from selfsup.eval.logreg import LogRegConfig, logreg_probe
 from selfsup.eval.sources import Source, from_checkpoint, from_model_name, random_init_twin, unique_names
 from selfsup.features import check_feature_kind
+from selfsup.files import ensure_writable_dir
 from selfsup.imagefolder import report_corrupt
 from selfsup.transforms import eval_transform
 
@@ -34,7 +36,7 @@ METHODS = ("knn", "linear")
 
 @dataclass
 class ProbeConfig:
-    """One evaluation run. kNN: DINO (k in 10/20/100/200, T=0.07); linear: CLIP (sklearn) or MoCo v3 (torch)."""
+    """One evaluation run. kNN: DINO (k in 10/20/100/200, T=0.07); linear: CLIP (sklearn), MoCo v3 or MAE."""
 
     dataset: str = "cifar100"
     checkpoints: list[str] = field(default_factory=list)
@@ -45,7 +47,7 @@ class ProbeConfig:
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     temperature: float = 0.07
     knn_backend: Literal["auto", "faiss-gpu", "faiss-cpu", "torch"] = "auto"
-    linear_protocol: Literal["sklearn", "torch"] = "sklearn"
+    linear_protocol: Literal["sklearn", "mocov3", "mae"] = "sklearn"
     logreg: LogRegConfig = field(default_factory=LogRegConfig)
     linear_head: LinearHeadConfig = field(default_factory=LinearHeadConfig)
     img_size: int | None = None
@@ -102,6 +104,11 @@ def _check(config: ProbeConfig) -> None:
             raise UsageError(f"{name} must be at least {low}, got {value}")
     if config.temperature <= 0:
         raise UsageError(f"the kNN temperature must be positive (DINO: 0.07), got {config.temperature}")
+    if config.linear_protocol != "sklearn":
+        resolve_protocol(config.linear_protocol, config.linear_head)  # 'torch', unknown names, bad overrides
+    elif config.linear_head.augment:
+        raise UsageError("linear_head.augment=true trains a head on augmented views, which the sklearn protocol does "
+                         "not: use --linear-protocol mocov3 or mae")
 
 
 class _Features:
@@ -170,7 +177,7 @@ def _file_list_digest(dataset) -> str | None:
 
 
 def _data_identity(options: DataOptions) -> dict[str, Any]:
-    skip = {"root", "download", "strict", "shuffle"}  # where data lives does not change what it is
+    skip = {"root", "download", "strict", "shuffle", "need_labels", "hold_out"}  # they do not change what the data is
     return {k: v for k, v in vars(options).items() if k not in skip}
 
 
@@ -200,7 +207,9 @@ def _evaluate(config: ProbeConfig, source: Source, feats, info: DatasetInfo) -> 
         if config.linear_protocol == "sklearn":
             result = logreg_probe(train_x, train_y, test_x, test_y, config.logreg)
         else:
-            result = train_linear_head(train_x, train_y, test_x, test_y, config.linear_head, n_classes)
+            augmented = probe_augmented_batches(config, source, info) if config.linear_head.augment else None
+            result = train_linear_head(train_x, train_y, test_x, test_y, config.linear_head, n_classes,
+                                       config.linear_protocol, augmented)
         metrics["linear"] = {"protocol": config.linear_protocol, "top1": result.top1, "top5": result.top5,
                              **{k: v for k, v in result.details.items() if k != "protocol"}}
         metrics["linear_seconds"] = round(time.perf_counter() - start, 2)
@@ -216,6 +225,8 @@ def run_probe(config: ProbeConfig, accelerator=None) -> dict[str, Any]:
     _check(config)
     _, info = build_dataset(config.dataset, "train", None, config.data)  # an unknown dataset fails here
     sources = _sources(config)
+    if config.out:
+        ensure_writable_dir(config.out, "--out")  # fail now, not after extracting every feature
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     features = _Features(config, info, accelerator)
     runs = [_evaluate(config, s, features(s), info) for s in sources]

@@ -22,10 +22,18 @@ from typing import Any, Literal
 import numpy as np
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets.folder import find_classes
 
 from selfsup.builtin_data import ArrayImages, channel_stats, digits_arrays, stratified_split, synthetic_arrays
 from selfsup.errors import UsageError
-from selfsup.imagefolder import CorruptLog, SafeImageFolder
+from selfsup.imagefolder import (
+    CorruptLog,
+    SafeImageFolder,
+    extension_counts,
+    listing,
+    native_image_size,
+    warn_once,
+)
 from selfsup.shards import list_shards, shard_classes, shard_dataset
 
 Split = Literal["train", "val"]
@@ -38,7 +46,9 @@ class DatasetInfo:
     classes: tuple[str, ...]
     mean: Stats
     std: Stats
-    image_size: int  # native (small datasets) or conventional (ImageNet-like) input size
+    # native size (shorter side) of the images; image folders measure it from a sample of their files,
+    # WebDataset shards record ImageNet's conventional 224
+    image_size: int
 
     @property
     def num_classes(self) -> int:
@@ -57,6 +67,11 @@ class DataOptions:
     synthetic_size: int = 256  # images per split of the synthetic dataset
     synthetic_classes: int = 4
     synthetic_image_size: int = 32
+    # False where labels are not used (pretraining): an image folder with a single class is then accepted
+    need_labels: bool = True
+    # False: the train split of a folder without val/ is every image (pretraining on all of it);
+    # True: val_fraction is carved off and never part of train
+    hold_out: bool = True
 
 
 def default_root() -> str:
@@ -92,6 +107,15 @@ def build_dataset(
         setattr(options, key, value)
     if split not in ("train", "val"):
         raise UsageError(f"unknown split '{split}'; expected 'train' or 'val'")
+    # Checked for every dataset, also those with their own val split that never use it: a value that
+    # is wrong should not be recorded in a run's config as if it had meant something.
+    if not 0 < options.val_fraction < 1:
+        raise UsageError(
+            f"val_fraction must be strictly between 0 and 1 (the share of training images held out for "
+            f"validation where a dataset has no val split), got {options.val_fraction}; e.g. 0.1"
+        )
+    if options.on_corrupt not in ("drop", "replace"):
+        raise UsageError(f"on_corrupt must be 'drop' or 'replace', got {options.on_corrupt!r}")
     if name.startswith("imagefolder:"):
         return _imagefolder(name.split(":", 1)[1], split, transform, options)
     if name not in _REGISTRY:
@@ -120,7 +144,9 @@ def _digits(split: Split, transform, opts: DataOptions):
 @register_dataset("synthetic")
 def _synthetic(split: Split, transform, opts: DataOptions):
     seed = opts.seed * 2 + (0 if split == "train" else 1)
-    images, targets = synthetic_arrays(opts.synthetic_size, opts.synthetic_classes, opts.synthetic_image_size, seed)
+    images, targets = synthetic_arrays(
+        opts.synthetic_size, opts.synthetic_classes, opts.synthetic_image_size, seed
+    )
     classes = [f"class_{i}" for i in range(opts.synthetic_classes)]
     mean, std = channel_stats(images)
     info = DatasetInfo("synthetic", tuple(classes), mean, std, opts.synthetic_image_size)
@@ -134,13 +160,17 @@ CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
 
 
-def _torchvision(name: str, cls_name: str, split_args: dict[str, dict[str, Any]], stats, size: int, layout: str):
+def _torchvision(
+    name: str, cls_name: str, split_args: dict[str, dict[str, Any]], stats, size: int, layout: str
+):
     def build(split: Split, transform, opts: DataOptions):
         import torchvision.datasets as tvd
 
         root = Path(opts.root or default_root())
         try:
-            dataset = getattr(tvd, cls_name)(str(root), transform=transform, download=opts.download, **split_args[split])
+            dataset = getattr(tvd, cls_name)(
+                str(root), transform=transform, download=opts.download, **split_args[split]
+            )
         except RuntimeError as err:
             if "download" in str(err).lower() or "not found" in str(err).lower():
                 raise UsageError(
@@ -157,41 +187,137 @@ def _torchvision(name: str, cls_name: str, split_args: dict[str, dict[str, Any]]
     register_dataset(name)(build)
 
 
-_torchvision("cifar10", "CIFAR10", {"train": {"train": True}, "val": {"train": False}}, CIFAR10_STATS, 32, "cifar-10-batches-py/")
-_torchvision("cifar100", "CIFAR100", {"train": {"train": True}, "val": {"train": False}}, CIFAR100_STATS, 32, "cifar-100-python/")
-_torchvision("flowers102", "Flowers102", {"train": {"split": "train"}, "val": {"split": "test"}}, IMAGENET_STATS, 224, "flowers-102/")
-_torchvision("pets", "OxfordIIITPet", {"train": {"split": "trainval"}, "val": {"split": "test"}}, IMAGENET_STATS, 224, "oxford-iiit-pet/")
-_torchvision("food101", "Food101", {"train": {"split": "train"}, "val": {"split": "test"}}, IMAGENET_STATS, 224, "food-101/")
-_torchvision("dtd", "DTD", {"train": {"split": "train"}, "val": {"split": "test"}}, IMAGENET_STATS, 224, "dtd/")
+_torchvision(
+    "cifar10",
+    "CIFAR10",
+    {"train": {"train": True}, "val": {"train": False}},
+    CIFAR10_STATS,
+    32,
+    "cifar-10-batches-py/",
+)
+_torchvision(
+    "cifar100",
+    "CIFAR100",
+    {"train": {"train": True}, "val": {"train": False}},
+    CIFAR100_STATS,
+    32,
+    "cifar-100-python/",
+)
+_torchvision(
+    "flowers102",
+    "Flowers102",
+    {"train": {"split": "train"}, "val": {"split": "test"}},
+    IMAGENET_STATS,
+    224,
+    "flowers-102/",
+)
+_torchvision(
+    "pets",
+    "OxfordIIITPet",
+    {"train": {"split": "trainval"}, "val": {"split": "test"}},
+    IMAGENET_STATS,
+    224,
+    "oxford-iiit-pet/",
+)
+_torchvision(
+    "food101",
+    "Food101",
+    {"train": {"split": "train"}, "val": {"split": "test"}},
+    IMAGENET_STATS,
+    224,
+    "food-101/",
+)
+_torchvision(
+    "dtd", "DTD", {"train": {"split": "train"}, "val": {"split": "test"}}, IMAGENET_STATS, 224, "dtd/"
+)
 # torchvision can no longer download Stanford Cars: the files must be placed by hand.
-_torchvision("stanford_cars", "StanfordCars", {"train": {"split": "train"}, "val": {"split": "test"}}, IMAGENET_STATS, 224, "stanford_cars/ (placed by hand)")
+_torchvision(
+    "stanford_cars",
+    "StanfordCars",
+    {"train": {"split": "train"}, "val": {"split": "test"}},
+    IMAGENET_STATS,
+    224,
+    "stanford_cars/ (placed by hand)",
+)
 
 
 # --- folders of images and shards -------------------------------------------------------------
 
 
-def _imagefolder(path: str, split: Split, transform, opts: DataOptions, name: str | None = None, stats=IMAGENET_STATS):
+def _imagefolder(
+    path: str, split: Split, transform, opts: DataOptions, name: str | None = None, stats=IMAGENET_STATS
+):
     root = Path(path).expanduser()
     name = name or f"imagefolder:{path}"
-    layout = f"{root}/train/<class>/<image> (and optionally {root}/val/<class>/<image>), or {root}/<class>/<image>"
+    layout = (
+        f"{root}/train/<class>/<image> (and optionally {root}/val/<class>/<image>), or {root}/<class>/<image>"
+    )
     if not root.is_dir():
         raise UsageError(f"{name}: folder {root} does not exist; expected the ImageFolder layout {layout}")
     train_dir = root / "train" if (root / "train").is_dir() else root
     has_val = (root / "val").is_dir()
+    if has_val and train_dir == root:  # val/ would be both the validation split and a training class
+        raise UsageError(f"{name}: {root} has val/ but no train/; expected the ImageFolder layout {layout}")
     folder = root / "val" if split == "val" and has_val else train_dir
-    log = CorruptLog()
-    try:
-        dataset = SafeImageFolder(folder, transform, on_corrupt=opts.on_corrupt, strict=opts.strict, corrupt_log=log)
-    except (FileNotFoundError, OSError) as err:
-        raise UsageError(f"{name}: no images found in {folder} ({err}); expected the ImageFolder layout {layout}") from None
-    info = DatasetInfo(name, tuple(dataset.classes), *stats, 224)
-    if has_val or len(dataset) < 2:
+    try:  # the train folder's classes label every split, so a val/ lacking a class shifts no label
+        classes, _ = find_classes(train_dir)
+    except FileNotFoundError:
+        raise UsageError(
+            f"{name}: no class folders in {train_dir}; expected the ImageFolder layout {layout}"
+        ) from None
+    if folder != train_dir:
+        unknown = sorted(set(_subfolders(folder)) - set(classes))
+        if unknown:
+            raise UsageError(
+                f"{name}: {folder} has class folders that {train_dir} lacks ({listing(unknown)}); their images "
+                f"would have no label: rename them to training classes or remove them"
+            )
+    if opts.need_labels and len(classes) < 2:
+        raise UsageError(
+            f"{name}: {train_dir} has a single class folder ({classes[0]}); classification (probe, the kNN "
+            f"monitor) needs 2 or more class folders ({layout}); pretraining alone does not use labels"
+        )
+    dataset = SafeImageFolder(
+        folder,
+        transform,
+        on_corrupt=opts.on_corrupt,
+        strict=opts.strict,
+        corrupt_log=CorruptLog(),
+        classes=classes,
+    )
+    if dataset.ignored:
+        warn_once(
+            f"{name}: ignored {len(dataset.ignored)} file(s) in {folder} that are not images PIL can open or lie "
+            f"outside a class folder ({extension_counts(dataset.ignored)}): {listing(dataset.ignored)}"
+        )
+    if not dataset.samples:
+        raise UsageError(
+            f"{name}: no images found in {folder} (image files are those PIL opens: .jpg, .png, .gif, .webp, "
+            f".tif, ...); expected the ImageFolder layout {layout}"
+        )
+    if dataset.empty_classes:
+        warn_once(
+            f"{name}: {len(dataset.empty_classes)} class folder(s) in {folder} hold no images and are skipped "
+            f"(kept in the class list, so labels do not shift): {listing(dataset.empty_classes)}"
+        )
+    if opts.need_labels and folder == train_dir and len(classes) - len(dataset.empty_classes) < 2:
+        raise UsageError(
+            f"{name}: only one class folder of {train_dir} holds images; classification (probe, the kNN monitor) "
+            f"needs images in 2 or more class folders ({layout})"
+        )
+    paths = [p for p, _ in dataset.samples]
+    info = DatasetInfo(name, tuple(classes), *stats, native_image_size(paths))
+    if has_val or (split == "train" and not opts.hold_out):
         return dataset, info
-    if not 0 < opts.val_fraction < 1:
-        raise UsageError(f"val_fraction must be between 0 and 1, got {opts.val_fraction}")
-    train_idx, val_idx = stratified_split(np.asarray(dataset.targets), opts.val_fraction, opts.seed)
+    train_idx, val_idx = stratified_split(
+        np.asarray(dataset.targets), opts.val_fraction, opts.seed, class_names=classes, name=name
+    )
     subset = Subset(dataset, (train_idx if split == "train" else val_idx).tolist())
     return subset, info
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return [e.name for e in os.scandir(folder) if e.is_dir()]
 
 
 @register_dataset("imagenet")

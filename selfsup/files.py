@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,35 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
-def describe_os_error(err: OSError) -> str:
-    reason = USER_ERRNOS.get(err.errno or -1, err.strerror or str(err))
-    return f"{reason}: {err.filename}" if err.filename else reason
+_OS_ERROR_CODE = re.compile(r"os error (\d+)")
+
+
+def user_errno(err: BaseException) -> int | None:
+    """The errno of a disk error the user can fix, or None.
+
+    Writers that are not Python file objects wrap the OS error in their own exception:
+    safetensors raises ``SafetensorError("... (os error 28)")``, torch's zip writer a RuntimeError.
+    """
+    if isinstance(err, OSError):
+        return err.errno if err.errno in USER_ERRNOS else None
+    text = str(err)
+    if (m := _OS_ERROR_CODE.search(text)) and int(m.group(1)) in USER_ERRNOS:
+        return int(m.group(1))
+    for code in USER_ERRNOS:
+        if os.strerror(code) in text:
+            return code
+    return None
+
+
+def describe_os_error(err: BaseException) -> str:
+    code = user_errno(err)
+    reason = USER_ERRNOS.get(code or -1) or getattr(err, "strerror", None) or str(err).splitlines()[0]
+    filename = getattr(err, "filename", None)
+    return f"{reason}: {filename}" if filename else reason
 
 
 def is_user_os_error(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in USER_ERRNOS
+    return user_errno(err) is not None
 
 
 def json_safe(value: Any) -> Any:

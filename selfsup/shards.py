@@ -3,6 +3,10 @@
 Each shard holds samples as ``<key>.jpg`` (or png/webp) plus ``<key>.cls`` (the class index).
 Shards are split first across processes (``split_by_node``, which reads torch.distributed's rank
 and world size) and then across DataLoader workers, so no two readers see the same shard.
+
+Shuffling while reading is local: shard order, then a buffer of ``shuffle_buffer`` (5,000) samples
+per worker. Shards must therefore be written from a shuffled list of samples; shards written class
+by class give batches of a handful of classes, whatever the reader does.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from timm.data import create_transform
 
 
-def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], native_size: int | None = None):
+def eval_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], native_size: int | None = None
+):
     """Resize + centre crop + normalize, as timm does for evaluation.
 
     Small images (CIFAR, digits) are used whole: when the model's input size is the native size,

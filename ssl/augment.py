@@ -2,7 +2,7 @@
 
 The recipe (official ``main_moco.py``, "follow BYOL's augmentation recipe"): RandomResizedCrop
 (scale 0.08–1), colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur
-σ∈[0.1, 2] with p 1.0 / 0.1, solarize p 0 / 0.2, horizontal flip. lightly's
+σ∈[0.1, 2] px at 224 px (scaled to the input size: the same blur relative to the image) with p 1.0 / 0.1, solarize p 0 / 0.2, horizontal flip. lightly's
 ``BYOLView1Transform`` / ``BYOLView2Transform`` have exactly these defaults; they flip before the
 colour ops instead of after, which changes nothing in distribution (every later op commutes with
 a flip).
@@ -33,6 +33,7 @@ def byol_views(
 ) -> tuple[Callable, Callable]:
     """The two view transforms (PIL image -> normalised tensor)."""
     b, c, s, h = settings.jitter
+    scale = input_size / settings.blur_reference_size if settings.blur_reference_size else 1.0
     common = dict(
         input_size=input_size,
         cj_prob=settings.jitter_prob,
@@ -42,7 +43,7 @@ def byol_views(
         cj_hue=h,
         min_scale=settings.min_scale,
         random_gray_scale=settings.gray_prob,
-        sigmas=tuple(settings.blur_sigmas),
+        sigmas=tuple(sigma * scale for sigma in settings.blur_sigmas),
         hf_prob=settings.flip_prob,
         normalize={"mean": list(mean), "std": list(std)},
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -88,7 +88,9 @@ class Pipeline:
 
 
 def build_pipeline(config: PretrainConfig, rank: int, world: int, device: torch.device) -> Pipeline:
-    dataset, info = build_dataset(config.dataset, "train", None, data_options(config))
+    # Pretraining uses no labels: one class is fine, and without hold_out_val every image is used.
+    options = replace(data_options(config), need_labels=False, hold_out=config.hold_out_val)
+    dataset, info = build_dataset(config.dataset, "train", None, options)
     view1, view2 = byol_views(config.augment, config.model.img_size, info.mean, info.std)
     workers = config.num_workers
     common = dict(

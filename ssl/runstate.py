@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfsup.files import atomic_write_bytes
 from selfsup.errors import UsageError
+from selfsup.files import atomic_write_bytes
 
 STATE_FILE = "runstate.json"
 MODEL_FILE = "model.safetensors"  # what accelerate's save_state writes for the first model

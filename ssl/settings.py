@@ -50,7 +50,11 @@ class AugmentSettings:
 
     min_scale: float = 0.08
     blur_prob: tuple[float, float] = (1.0, 0.1)
-    blur_sigmas: tuple[float, float] = (0.1, 2.0)  # PIL radius; use smaller values on 32x32 images
+    # Blur sigma range in pixels of a `blur_reference_size`-wide image, scaled to the input size:
+    # BYOL's (0.1, 2.0) at 224 px is (0.014, 0.29) px at 32 px, the same blur relative to the image.
+    # null reference: the sigmas are absolute pixels.
+    blur_sigmas: tuple[float, float] = (0.1, 2.0)
+    blur_reference_size: int | None = 224
     solarize_prob: tuple[float, float] = (0.0, 0.2)
     jitter_prob: float = 0.8
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
@@ -74,7 +78,11 @@ class PretrainConfig:
     num_workers: int = 8  # DataLoader workers per process
     threads: int | None = None  # torch threads per process; 1 keeps a shared CPU from thrashing
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where native (GPU, AVX-512 BF16/AMX)
-    val_fraction: float = 0.1  # held out of folders without val/ (used by the monitor only)
+    val_fraction: float = 0.1  # share of a folder without val/ held out when hold_out_val (monitor queries)
+    # false: pretrain on every training image (a folder without val/ loses none to a hold-out; the
+    # monitor then queries a held-out sample that pretraining also saw, without its labels).
+    # true: carve val_fraction off and never pretrain on it (for measuring probes on unseen images).
+    hold_out_val: bool = False
     length_per_epoch: int | None = None  # samples per epoch; required for WebDataset shards
     synthetic_size: int = 256
     synthetic_classes: int = 4

@@ -97,7 +97,7 @@ def train(config: PretrainConfig) -> PretrainResult:
         if config.export_only:
             return PretrainResult("exported", Path(config.out), 0, 0, backbone=export_latest(config))
         return _train(config)
-    except OSError as err:
+    except Exception as err:  # OSError, or a writer's wrapper of one (safetensors, torch.save)
         if not is_user_os_error(err):
             raise
         found = runstate.complete_checkpoints(config.out)
@@ -173,7 +173,10 @@ def _run(config: PretrainConfig, accelerator: Accelerator, pipeline) -> Pretrain
     end = min(total, config.max_steps) if config.max_steps is not None else total
     peak_lr = scaled_lr(o.base_lr, config.batch_size)
     monitor = None
-    if config.monitor_every > 0 and accelerator.is_main_process and pipeline.indexed:  # streams: no monitor
+    if config.monitor_every > 0 and accelerator.is_main_process and not pipeline.indexed:
+        print("note: the kNN monitor is off for a stream of shards (it needs an indexed, labelled set); "
+              "evaluate exported checkpoints with probe instead", file=sys.stderr)
+    if config.monitor_every > 0 and accelerator.is_main_process and pipeline.indexed:
         monitor = KnnMonitor(
             config.dataset,
             data_options(config),

@@ -96,14 +96,47 @@ def test_cache_is_reused_for_the_same_weights_and_invalidated_when_they_change(t
     assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 4
 
 
-def test_torch_protocol_and_a_timm_name_at_random_init(tmp_path, capsys):
+def test_mocov3_protocol_and_a_timm_name_at_random_init(tmp_path, capsys):
     args = ["--model", "vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--patch-size", "8",
-            "--linear-protocol", "torch", "--ks", "10", "--no-cache", "--out", str(tmp_path / "o"), *DATA]
+            "--linear-protocol", "mocov3", "--ks", "10", "--no-cache", "--out", str(tmp_path / "o"), *DATA]
     assert main(args) == 0
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     (model,) = metrics["models"]
     assert model["name"] == "vit_tiny_patch16_224 (random init)" and model["feature_dim"] == 192
-    assert model["linear"]["protocol"] == "torch" and model["linear"]["top1"] >= 90.0
+    linear = model["linear"]
+    assert linear["protocol"] == "mocov3" and linear["top1"] >= 90.0
+    assert linear["batch_size"] == 64 and linear["lr"] == pytest.approx(3.0 * 64 / 256) and linear["augment"] is False
+    assert "Protocol **mocov3** (MoCo v3 main_lincls.py): SGD, BatchNorm no, lr used 0.75" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_mae_protocol_trains_on_augmented_views(tmp_path, ckpt, capsys, monkeypatch):
+    from selfsup.eval import augment
+
+    views = []
+    real = augment.augmented_batches
+
+    def counting(*args, **kwargs):
+        batches = real(*args, **kwargs)
+        return lambda epoch, size, drop_last: (views.append(epoch) or b for b in batches(epoch, size, drop_last))
+
+    monkeypatch.setattr(augment, "augmented_batches", counting)
+    args = ["--checkpoint", str(ckpt), "--linear-protocol", "mae", "--method", "linear", "--no-cache", "--out", str(tmp_path / "o"),
+            "--dataset", "synthetic", "--num-workers", "0", "data.synthetic_size=32",
+            "linear_head.augment=true", "linear_head.epochs=3", "linear_head.warmup_epochs=1", "linear_head.batch_size=16"]
+    assert main(args) == 0
+    linear = json.loads((tmp_path / "o" / "metrics.json").read_text())["models"][0]["linear"]
+    assert linear["protocol"] == "mae" and linear["augment"] is True and linear["optimizer"] == "LARS"
+    assert linear["batch_size"] == 16 and linear["lr"] == pytest.approx(0.1 * 16 / 256) and linear["steps"] == 3 * 2
+    assert views == [0, 0, 1, 1, 2, 2]  # two fresh batches of views per epoch
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "Protocol **mae** (MAE main_linprobe.py): LARS, BatchNorm yes" in md and "augment yes" in md
+
+
+def test_the_old_torch_protocol_is_one_line_and_exit_code_2(tmp_path, capsys):
+    code, err = run(["--model", "vit_tiny_patch16_224", "--random-init", "--linear-protocol", "torch", *DATA], capsys)
+    assert code == 2 and err.count("\n") == 1 and "mocov3" in err and "mae" in err
+    code, err = run(["--model", "vit_tiny_patch16_224", "--random-init", *DATA, "linear_head.augment=true"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "sklearn" in err
 
 
 def test_missing_checkpoint_is_one_line_and_exit_code_2(tmp_path, capsys):
