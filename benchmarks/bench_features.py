@@ -31,23 +31,46 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     model = create_backbone(BackboneSpec(args.arch, img_size=args.img_size, pos_embed="learned")).eval()
-    data = TensorDataset(torch.randn(args.images, 3, args.img_size, args.img_size), torch.zeros(args.images, dtype=torch.long))
+    data = TensorDataset(
+        torch.randn(args.images, 3, args.img_size, args.img_size), torch.zeros(args.images, dtype=torch.long)
+    )
     warm = TensorDataset(data.tensors[0][: args.batch_size], data.tensors[1][: args.batch_size])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"{args.arch} at {args.img_size} px on {device}, {torch.get_num_threads()} threads, "
-          f"{args.images} images, batch {args.batch_size}, feature {args.feature}")
+    print(
+        f"{args.arch} at {args.img_size} px on {device}, {torch.get_num_threads()} threads, "
+        f"{args.images} images, batch {args.batch_size}, feature {args.feature}"
+    )
     rates, outputs = {}, {}
     for precision in ("fp32", "bf16"):
-        extract_features(model, warm, args.feature, batch_size=args.batch_size, num_workers=0, precision=precision, progress=False)
+        extract_features(
+            model,
+            warm,
+            args.feature,
+            batch_size=args.batch_size,
+            num_workers=0,
+            precision=precision,
+            progress=False,
+        )
         start = time.perf_counter()
-        feats, _ = extract_features(model, data, args.feature, batch_size=args.batch_size, num_workers=0, precision=precision, progress=False)
+        feats, _ = extract_features(
+            model,
+            data,
+            args.feature,
+            batch_size=args.batch_size,
+            num_workers=0,
+            precision=precision,
+            progress=False,
+        )
         seconds = time.perf_counter() - start
         rates[precision], outputs[precision] = args.images / seconds, feats
         print(f"  {precision}: {rates[precision]:7.1f} images/s ({seconds:.1f} s)")
     cos = np.sum(outputs["fp32"] * outputs["bf16"], 1) / (
-        np.linalg.norm(outputs["fp32"], axis=1) * np.linalg.norm(outputs["bf16"], axis=1))
-    print(f"  bf16 / fp32 throughput: {rates['bf16'] / rates['fp32']:.2f}x; "
-          f"feature cosine similarity bf16 vs fp32: min {cos.min():.4f}, mean {cos.mean():.4f}")
+        np.linalg.norm(outputs["fp32"], axis=1) * np.linalg.norm(outputs["bf16"], axis=1)
+    )
+    print(
+        f"  bf16 / fp32 throughput: {rates['bf16'] / rates['fp32']:.2f}x; "
+        f"feature cosine similarity bf16 vs fp32: min {cos.min():.4f}, mean {cos.mean():.4f}"
+    )
 
 
 if __name__ == "__main__":

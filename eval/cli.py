@@ -32,31 +32,60 @@ def _words(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="probe", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--checkpoint", dest="checkpoints", action="append", help="backbone .safetensors (repeatable)")
-    p.add_argument("--model", dest="models", action="append", help="timm model name, evaluated at random init (repeatable)")
-    p.add_argument("--random-init", action="store_true", help="required with --model: weights are never downloaded")
-    p.add_argument("--compare-random-init", action="store_true", default=None,
-                   help="add each checkpoint's architecture at random init as a baseline row")
+    p = argparse.ArgumentParser(
+        prog="probe",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--checkpoint", dest="checkpoints", action="append", help="backbone .safetensors (repeatable)"
+    )
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        help="timm model name, evaluated at random init (repeatable)",
+    )
+    p.add_argument(
+        "--random-init", action="store_true", help="required with --model: weights are never downloaded"
+    )
+    p.add_argument(
+        "--compare-random-init",
+        action="store_true",
+        default=None,
+        help="add each checkpoint's architecture at random init as a baseline row",
+    )
     p.add_argument("--dataset", help="a registered dataset name or imagefolder:<path> (default cifar100)")
     p.add_argument("--data-root")
     p.add_argument("--download", action="store_true", default=None)
-    p.add_argument("--val-fraction", type=float, help="validation share carved from imagefolder trees without val/")
+    p.add_argument(
+        "--val-fraction", type=float, help="validation share carved from imagefolder trees without val/"
+    )
     p.add_argument("--method", dest="methods", type=_words, help="knn,linear (default both)")
     p.add_argument("--feature", help="cls | patch_mean | cls_last4")
     p.add_argument("--ks", type=_ints, help="kNN k values, e.g. 10,20,100,200")
     p.add_argument("--temperature", type=float)
     p.add_argument("--knn-backend", choices=["auto", "faiss-gpu", "faiss-cpu", "torch"])
-    p.add_argument("--linear-protocol", metavar="{sklearn,mocov3,mae}",
-                   help="sklearn (CLIP, default), mocov3 (main_lincls.py) or mae (main_linprobe.py); checked by the probe")
+    p.add_argument(
+        "--knn-index",
+        choices=["auto", "flat", "ivf", "ivfpq"],
+        help="flat: exact; ivf/ivfpq: approximate faiss index; auto: flat below 2 M training rows",
+    )
+    p.add_argument(
+        "--linear-protocol",
+        metavar="{sklearn,mocov3,mae}",
+        help="sklearn (CLIP, default), mocov3 (main_lincls.py) or mae (main_linprobe.py); checked by the probe",
+    )
     p.add_argument("--img-size", type=int)
     p.add_argument("--patch-size", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--seed", type=int, help="seed of random-init baselines")
-    p.add_argument("--cache-dir", help="feature cache (default $SELFSUP_CACHE/features or ~/.cache/selfsup/features)")
+    p.add_argument(
+        "--cache-dir", help="feature cache (default $SELFSUP_CACHE/features or ~/.cache/selfsup/features)"
+    )
     p.add_argument("--no-cache", action="store_true", default=None)
     p.add_argument("--out", help="report folder (default runs/probe)")
     p.add_argument("--config", help="YAML file of ProbeConfig fields, read before the flags")
@@ -67,11 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None) -> ProbeConfig:
     args = build_parser().parse_args(argv)
     if args.models and not args.random_init:
-        raise UsageError("--model evaluates an architecture at random initialisation: add --random-init "
-                         "(trained weights come only from --checkpoint)")
+        raise UsageError(
+            "--model evaluates an architecture at random initialisation: add --random-init "
+            "(trained weights come only from --checkpoint)"
+        )
     config = load_config(ProbeConfig, args.config, args.overrides)
-    flags = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("config", "overrides", "random_init", "data_root", "download", "val_fraction")}
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None
+        and k not in ("config", "overrides", "random_init", "data_root", "download", "val_fraction")
+    }
     config = dataclasses.replace(config, **flags)
     if args.data_root is not None:
         config.data.root = args.data_root
@@ -89,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     for m in metrics["models"]:
         knn = ", ".join(f"k={k} {v['top1']:.2f}" for k, v in m.get("knn", {}).items())
         linear = f"linear {m['linear']['top1']:.2f}" if "linear" in m else ""
-        print(f"{m['name']}: " + "; ".join(part for part in (f"kNN top-1 {knn}" if knn else "", linear) if part))
+        print(
+            f"{m['name']}: " + "; ".join(part for part in (f"kNN top-1 {knn}" if knn else "", linear) if part)
+        )
     if config.out:
         print(f"report: {config.out}/report.html (metrics.json, report.md)")
     else:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from selfsup.accel import make_accelerator
 from selfsup.features import extract
 from selfsup.imagefolder import collate_skip_none
 from selfsup.precision import resolve_precision
@@ -21,7 +22,9 @@ from selfsup.precision import resolve_precision
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """``auto`` is bf16 where the device runs it natively (GPUs with bf16, CPUs with AVX-512 BF16
     or AMX) and fp32 elsewhere; ``bf16`` is bf16 anywhere (with a warning where it is emulated)."""
-    mode = resolve_precision("bf16" if precision == "bf16" else "auto" if precision == "auto" else "no", device)
+    mode = resolve_precision(
+        "bf16" if precision == "bf16" else "auto" if precision == "auto" else "no", device
+    )
     return torch.bfloat16 if mode == "bf16" else None
 
 
@@ -40,9 +43,7 @@ def extract_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, labels (N,) int64) of every sample of ``dataset``, in order."""
     if accelerator is None:
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        accelerator = make_accelerator(None)  # the autocast below is this module's, not accelerate's
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -56,7 +57,13 @@ def extract_features(
     model = model.eval().to(accelerator.device)
     dtype = autocast_dtype(accelerator.device, precision)
     feats, labels = [], []
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not (progress and accelerator.is_local_main_process), leave=False)
+    bar = tqdm(
+        loader,
+        desc=desc,
+        unit="batch",
+        disable=not (progress and accelerator.is_local_main_process),
+        leave=False,
+    )
     for images, targets in bar:
         images = images.to(accelerator.device, non_blocking=True)
         with torch.autocast(accelerator.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

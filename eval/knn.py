@@ -20,7 +20,7 @@ of training rows with faiss' k-means seeded, and are filled in chunks, so the tr
 can stay memory-mapped. ``ivfpq`` stores 1 byte per sub-quantizer instead of 4 per dimension; it
 fetches 4k candidates and keeps the k of highest exact cosine similarity, so the votes use the
 protocol's weights. An approximate search can find fewer than k neighbours (index -1) when the
-probed lists hold fewer than k vectors: those slots vote with weight 0. ``auto`` is ``flat`` up to
+probed lists hold fewer than k vectors: those slots vote with weight 0. ``auto`` is ``flat`` below
 :data:`AUTO_APPROX_MIN_TRAIN` training rows, then ``ivf``, or ``ivfpq`` when the IVF index would
 not fit the memory budget. With several GPUs, faiss-gpu shards the IVF index across them.
 """
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.errors import UsageError
+from selfsup.metrics import check_finite
 
 Backend = Literal["auto", "faiss-gpu", "faiss-cpu", "torch"]
 Index = Literal["auto", "flat", "ivf", "ivfpq"]
@@ -59,7 +60,7 @@ MIN_POINTS_PER_CENTROID = 39
 # Code sizes (bytes per vector) GpuIndexIVFPQ supports (faiss/gpu/impl/IVFPQ.cu,
 # isSupportedPQCodeLength); the default ``pq_m`` is one of them so the index can move to a GPU.
 GPU_PQ_CODE_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
-# The faiss GPU wiki: IVFPQ codes of 56 bytes or more need float16 lookup tables (shared memory).
+# Same file: codes of 56, 64 and 96 bytes are "only supported with float16" lookup tables.
 GPU_PQ_FLOAT16_FROM = 56
 # Rows normalised and added to an IVF index at once: bounds the normalised copy to 256 MiB at 1024-d.
 ADD_CHUNK_ROWS = 1 << 16
@@ -88,7 +89,9 @@ def resolve_backend(backend: Backend, k: int) -> str:
     if backend == "faiss-gpu" and faiss_gpus() == 0:
         raise UsageError("kNN backend 'faiss-gpu' found no GPU through faiss; use backend=auto or faiss-cpu")
     if backend == "faiss-gpu" and k > FAISS_GPU_MAX_K:
-        raise UsageError(f"faiss-gpu supports k <= {FAISS_GPU_MAX_K}, got k={k}; use backend=torch for larger k")
+        raise UsageError(
+            f"faiss-gpu supports k <= {FAISS_GPU_MAX_K}, got k={k}; use backend=torch for larger k"
+        )
     return backend
 
 
@@ -99,12 +102,15 @@ class IndexOptions:
     * ``nlist`` (inverted lists): round(4 sqrt(N)), the low end of faiss' guideline "between
       4 sqrt(N) and 16 sqrt(N)" (faiss wiki, "Guidelines to choose an index"), at most
       N / 39 so k-means has the 39 points per centroid faiss asks for;
-    * ``nprobe`` (lists scanned per query): max(32, nlist / 64), at most nlist; 32 lists at
-      1 M training rows reached recall@20 >= 0.9 on clustered features (benchmarks/bench_knn.py);
+    * ``nprobe`` (lists scanned per query): max(32, nlist / 32), at most nlist. On 200,000
+      clustered 384-d features (benchmarks/bench_knn.py, nlist 1789) nlist / 32 gave recall@20
+      0.81 and kNN top-1 within 0.5 point of exact, nlist / 64 recall 0.69 and -0.75 point;
     * ``pq_m`` (sub-quantizers, bytes per vector at 8 bits): the largest GPU-supported code size
-      that divides the width with at least 4 dimensions per sub-quantizer (96 for 384-d and 768-d);
-    * ``train_rows``: k-means sample, 64 per list (faiss subsamples above 256 per list anyway),
-      for ivfpq at least 39 x 2^pq_bits (the PQ k-means' own minimum);
+      that divides the width with at least 8 dimensions per sub-quantizer (48 for 384-d, 96 for
+      768-d: 32x smaller than fp32); the exact re-scoring of 4k candidates recovers most of the
+      ranking PQ loses (recall in docs/eval.md);
+    * ``train_rows``: k-means sample, 39 per list (faiss' minimum; the k-means is the build's
+      largest cost on CPU), for ivfpq at least 39 x 2^pq_bits (the PQ k-means' own minimum);
     * ``seed``: the sample and faiss' k-means (coarse and PQ) seed, so results are reproducible;
     * ``auto_min_train`` / ``memory_bytes``: ``auto``'s thresholds (tests set them small).
     """
@@ -126,24 +132,33 @@ class IndexOptions:
         for name in ("nlist", "nprobe", "pq_m", "train_rows"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise UsageError(f"kNN index option {name} must be >= 1, got {value}; leave it unset for the default")
+                raise UsageError(
+                    f"kNN index option {name} must be >= 1, got {value}; leave it unset for the default"
+                )
         if self.rescore_factor < 0:
-            raise UsageError(f"kNN index option rescore_factor must be >= 0 (0: no rescoring), got {self.rescore_factor}")
+            raise UsageError(
+                f"kNN index option rescore_factor must be >= 0 (0: no rescoring), got {self.rescore_factor}"
+            )
         if not 1 <= self.pq_bits <= 16:
             raise UsageError(f"kNN index option pq_bits must be in 1..16 (8 is usual), got {self.pq_bits}")
         nlist = self.nlist or max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
         nlist = min(nlist, n)
-        nprobe = min(self.nprobe or max(32, nlist // 64), nlist)
-        pq_m = self.pq_m or max([m for m in GPU_PQ_CODE_BYTES if dim % m == 0 and dim // m >= 4] or [1])
+        nprobe = min(self.nprobe or max(32, nlist // 32), nlist)
+        pq_m = self.pq_m or max([m for m in GPU_PQ_CODE_BYTES if dim % m == 0 and dim // m >= 8] or [1])
         if dim % pq_m:
-            raise UsageError(f"kNN index option pq_m={pq_m} must divide the feature width {dim}; pick a divisor of {dim}")
-        train_rows = self.train_rows or 64 * nlist
+            raise UsageError(
+                f"kNN index option pq_m={pq_m} must divide the feature width {dim}; pick a divisor of {dim}"
+            )
+        train_rows = self.train_rows or MIN_POINTS_PER_CENTROID * nlist
         if pq:
             codes = 2**self.pq_bits
             if n < codes:
-                raise UsageError(f"ivfpq with pq_bits={self.pq_bits} needs at least {codes} training rows, got {n}; "
-                                 "use index=flat or ivf, or a smaller pq_bits")
-            train_rows = max(train_rows, MIN_POINTS_PER_CENTROID * codes)  # the PQ k-means has 2^bits centroids
+                raise UsageError(
+                    f"ivfpq with pq_bits={self.pq_bits} needs at least {codes} training rows, got {n}; "
+                    "use index=flat or ivf, or a smaller pq_bits"
+                )
+            # The PQ k-means has 2^bits centroids per sub-quantizer: the same 39 points each.
+            train_rows = max(train_rows, MIN_POINTS_PER_CENTROID * codes)
         return nlist, nprobe, pq_m, min(n, train_rows)
 
 
@@ -161,7 +176,9 @@ def _memory_budget(gpus: int) -> int:
     return budget
 
 
-def resolve_index(index: Index, n_train: int, dim: int, backend: str, options: IndexOptions | None = None) -> str:
+def resolve_index(
+    index: Index, n_train: int, dim: int, backend: str, options: IndexOptions | None = None
+) -> str:
     """The index to build: ``flat``, ``ivf`` or ``ivfpq``. ``backend`` is a resolved backend."""
     options = options or IndexOptions()
     if index not in INDEXES:
@@ -175,13 +192,19 @@ def resolve_index(index: Index, n_train: int, dim: int, backend: str, options: I
         return "ivf" if ivf_bytes <= AUTO_MEMORY_SHARE * budget else "ivfpq"
     if index != "flat" and backend == "torch":
         if _faiss() is None:
-            raise UsageError(f"kNN index '{index}' needs faiss (the torch backend searches exactly): "
-                             "pip install faiss-cpu (or faiss-gpu-cu12), or use index=flat")
-        raise UsageError(f"kNN index '{index}' needs a faiss backend, not torch: use backend=auto, faiss-cpu or faiss-gpu")
+            raise UsageError(
+                f"kNN index '{index}' needs faiss (the torch backend searches exactly): "
+                "pip install faiss-cpu (or faiss-gpu-cu12), or use index=flat"
+            )
+        raise UsageError(
+            f"kNN index '{index}' needs a faiss backend, not torch: use backend=auto, faiss-cpu or faiss-gpu"
+        )
     return index
 
 
-def _torch_search(train: torch.Tensor, test: torch.Tensor, k: int, chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_search(
+    train: torch.Tensor, test: torch.Tensor, k: int, chunk_elems: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     # Bounded memory: each chunk's similarity matrix holds at most ~chunk_elems floats.
     rows = max(1, chunk_elems // max(1, train.shape[0]))
     sims, idx = [], []
@@ -215,11 +238,12 @@ def _normalised(rows: torch.Tensor) -> np.ndarray:
 
 
 def _gpu_clustering_index(faiss, dim: int, gpus: int):
-    """k-means assignment on all GPUs (faiss wiki, "FAQ": set ``IndexIVF.clustering_index``)."""
+    """An index for the coarse k-means' assignments on all GPUs (set as ``IndexIVF.clustering_index``,
+    faiss' hook for training the quantizer with another index); the CPU quantizer gets the centroids."""
     return faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim), ngpu=gpus)
 
 
-def _to_gpus(faiss, cpu_index, gpus: int, nprobe: int, pq_m: int | None):
+def _to_gpus(faiss, cpu_index, gpus: int, pq_m: int | None):
     """Move a trained, filled IVF index to the GPUs: sharded over several (each holds 1/gpus of
     the lists' contents, results merged by faiss), copied to the only one otherwise."""
     if gpus > 1:
@@ -227,16 +251,20 @@ def _to_gpus(faiss, cpu_index, gpus: int, nprobe: int, pq_m: int | None):
         options.shard = True
     else:
         options = faiss.GpuClonerOptions()
-    # IVFPQ: lookup tables in float16 from 56-byte codes on (shared-memory limit). Left off for
+    # IVFPQ: lookup tables in float16 from 56-byte codes on (required there). Left off for
     # IVF-Flat, where the same flag would store the vectors themselves in float16.
     options.useFloat16 = pq_m is not None and pq_m >= GPU_PQ_FLOAT16_FROM
+    options.usePrecomputed = False  # precomputed IVFPQ tables serve only the L2 metric
     if gpus > 1:
-        index = faiss.index_cpu_to_all_gpus(cpu_index, co=options, ngpu=gpus)
+        return faiss.index_cpu_to_all_gpus(cpu_index, co=options, ngpu=gpus)
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu_index, options)
+
+
+def _set_nprobe(faiss, index, nprobe: int, gpus: int) -> None:
+    if gpus:  # GPU and sharded indexes take it through GpuParameterSpace (faiss/gpu/GpuAutoTune.h)
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     else:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu_index, options)
-    # nprobe of GPU and sharded indexes is set through GpuParameterSpace (faiss wiki, "Faiss on the GPU").
-    faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
-    return index
+        index.nprobe = nprobe
 
 
 def _rescore(train: torch.Tensor, test: torch.Tensor, idx: torch.Tensor, chunk_elems: int):
@@ -256,19 +284,68 @@ def _rescore(train: torch.Tensor, test: torch.Tensor, idx: torch.Tensor, chunk_e
     return torch.cat(sims), torch.cat(order)
 
 
-def _ivf_search(train: torch.Tensor, test: torch.Tensor, k: int, kind: str, gpus: int, options: IndexOptions,
-                chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+@dataclass
+class ApproximateIndex:
+    """A trained, filled IVF or IVF-PQ index over L2-normalised training features (:func:`build_index`)."""
+
+    faiss_index: object
+    train: torch.Tensor  # the caller's features, for ivfpq's exact re-scoring
+    kind: str  # "ivf" or "ivfpq"
+    nlist: int
+    nprobe: int
+    pq_m: int | None
+    gpus: int
+    options: IndexOptions
+
+    def describe(self, nprobe: int | None = None) -> str:
+        text = f"{self.kind} nlist={self.nlist} nprobe={nprobe or self.nprobe}"
+        if self.kind == "ivfpq":
+            text += f" m={self.pq_m}x{self.options.pq_bits}bit"
+            if self.options.rescore_factor:
+                text += f" rescored {self.options.rescore_factor}x"
+        if self.gpus:
+            text += f" on {self.gpus} GPU" + ("s (sharded)" if self.gpus > 1 else "")
+        return text
+
+    def search(
+        self, test: torch.Tensor, k: int, nprobe: int | None = None, chunk_elems: int = 1 << 26
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarities, indices) of the k best of each test row; -inf / -1 where fewer were found."""
+        faiss = _faiss()
+        n = self.train.shape[0]
+        _set_nprobe(faiss, self.faiss_index, min(nprobe or self.nprobe, self.nlist), self.gpus)
+        query = F.normalize(test.float(), dim=1)
+        rescore = self.kind == "ivfpq" and self.options.rescore_factor > 0
+        fetch = min(self.options.rescore_factor * k, n, FAISS_GPU_MAX_K if self.gpus else n) if rescore else k
+        dist, ind = self.faiss_index.search(np.ascontiguousarray(query.cpu().numpy()), max(k, fetch))
+        sims, idx = torch.from_numpy(dist), torch.from_numpy(ind).long()
+        if rescore:
+            sims, idx = _rescore(self.train, query, idx, chunk_elems)
+        sims = sims.masked_fill(idx < 0, -math.inf)  # faiss pads missing neighbours with -FLT_MAX
+        return sims[:, :k], idx[:, :k]
+
+
+def build_index(
+    train: torch.Tensor, kind: str, gpus: int = 0, options: IndexOptions | None = None
+) -> ApproximateIndex:
+    """Train an ``ivf`` or ``ivfpq`` index on a seeded sample of ``train`` and add every row.
+
+    ``gpus`` > 0 trains the coarse k-means on the GPUs and moves the index there (sharded if > 1).
+    """
     faiss = _faiss()
+    if faiss is None:
+        raise UsageError(
+            f"kNN index '{kind}' needs faiss: pip install faiss-cpu (or faiss-gpu-cu12), or use index=flat"
+        )
+    options = options or IndexOptions()
     n, dim = train.shape
     nlist, nprobe, pq_m, train_rows = options.resolved(n, dim, kind == "ivfpq")
     quantizer = faiss.IndexFlatIP(dim)
     if kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        description = f"ivf nlist={nlist} nprobe={nprobe}"
     else:
         index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, options.pq_bits, faiss.METRIC_INNER_PRODUCT)
         index.pq.cp.seed = options.seed
-        description = f"ivfpq nlist={nlist} nprobe={nprobe} m={pq_m}x{options.pq_bits}bit"
     index.cp.seed = options.seed  # IndexIVF sets cp.spherical for the inner product
     if gpus:
         index.clustering_index = _gpu_clustering_index(faiss, dim, gpus)
@@ -277,19 +354,11 @@ def _ivf_search(train: torch.Tensor, test: torch.Tensor, k: int, kind: str, gpus
     index.train(_normalised(train[torch.from_numpy(sample).to(train.device)]))
     for start in range(0, n, ADD_CHUNK_ROWS):
         index.add(_normalised(train[start : start + ADD_CHUNK_ROWS]))
-    index.nprobe = nprobe
     if gpus:
-        index = _to_gpus(faiss, index, gpus, nprobe, pq_m if kind == "ivfpq" else None)
-        description += f" on {gpus} GPU" + ("s (sharded)" if gpus > 1 else "")
-    query = F.normalize(test.float(), dim=1)
-    rescore = kind == "ivfpq" and options.rescore_factor > 0
-    fetch = min(options.rescore_factor * k, n, FAISS_GPU_MAX_K if gpus else n) if rescore else k
-    dist, ind = index.search(np.ascontiguousarray(query.cpu().numpy()), max(k, fetch))
-    sims, idx = torch.from_numpy(dist), torch.from_numpy(ind).long()
-    if rescore:
-        sims, idx = _rescore(train, query, idx, chunk_elems)
-        description += f" rescored {fetch // k}x"
-    return sims[:, :k], idx[:, :k], description
+        index = _to_gpus(faiss, index, gpus, pq_m if kind == "ivfpq" else None)
+    return ApproximateIndex(
+        index, train, kind, nlist, nprobe, pq_m if kind == "ivfpq" else None, gpus, options
+    )
 
 
 @dataclass
@@ -316,10 +385,9 @@ def neighbours(
     if kind == "flat":
         sims, idx = _flat_search(train, test, k, name, chunk_elems)
         return Neighbours(sims, idx, name, "flat")
-    gpus = faiss_gpus() if name == "faiss-gpu" else 0
-    sims, idx, description = _ivf_search(train, test, k, kind, gpus, options, chunk_elems)
-    sims = sims.masked_fill(idx < 0, -math.inf)  # faiss pads missing neighbours with -FLT_MAX
-    return Neighbours(sims, idx, name, description)
+    built = build_index(train, kind, faiss_gpus() if name == "faiss-gpu" else 0, options)
+    sims, idx = built.search(test, k, chunk_elems=chunk_elems)
+    return Neighbours(sims, idx, name, built.describe())
 
 
 def search(
@@ -384,15 +452,29 @@ def knn_classify(
     if train_features.shape[0] == 0 or test_features.shape[0] == 0:
         raise UsageError("kNN needs at least one training and one test sample")
     if train_features.shape[1] != test_features.shape[1]:
-        raise UsageError(f"train and test features differ in width: {train_features.shape[1]} vs {test_features.shape[1]}")
+        raise UsageError(
+            f"train and test features differ in width: {train_features.shape[1]} vs {test_features.shape[1]}"
+        )
     for name, feats in (("train", train_features), ("test", test_features)):
-        if not torch.isfinite(feats).all():
-            raise UsageError(f"{name} features contain NaN or inf: the backbone diverged or the checkpoint is broken")
+        check_finite(feats, f"{name} features")
+    found = neighbours(
+        train_features, test_features, min(max(ks), train_features.shape[0]), backend, index, index_options
+    )
+    return classify_neighbours(found, train_labels, test_labels, ks, temperature, num_classes)
+
+
+def classify_neighbours(
+    found: Neighbours,
+    train_labels: torch.Tensor,
+    test_labels: torch.Tensor | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> dict[int, KnnResult]:
+    """The votes of :func:`knn_classify` over neighbours already found (one search, several uses)."""
     train_labels = train_labels.long().cpu()
     num_classes = num_classes or int(train_labels.max()) + 1
-    n_train = train_features.shape[0]
-    k_max = min(max(ks), n_train)
-    found = neighbours(train_features, test_features, k_max, backend, index, index_options)
+    n_train = train_labels.shape[0]
     sims, idx = found.sims.cpu(), found.idx.cpu()
     # Missing neighbours (-1) take any valid label: their -inf similarity gives them weight 0.
     neighbour_labels = train_labels[idx.clamp(min=0)]

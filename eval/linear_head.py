@@ -27,8 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from selfsup.accel import threads_for
 from selfsup.errors import UsageError
-from selfsup.eval.logreg import LinearProbeResult, topk_accuracy
+from selfsup.eval.logreg import LinearProbeResult
+from selfsup.metrics import check_finite, topk_accuracy
+from selfsup.schedules import scaled_lr, warmup_cosine
 
 AugmentedBatches = Callable[[int, int, bool], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 """``augmented(epoch, batch_size, drop_last)``: that epoch's shuffled (features, labels) batches."""
@@ -172,13 +175,9 @@ def learning_rate(protocol: HeadProtocol, peak_lr: float, step: int, steps_per_e
     ``warmup_cosine_per_iter`` (MAE): at the fractional epoch t = step / steps_per_epoch,
     ``peak x t / W`` while t < W, then ``peak x 0.5 (1 + cos(pi (t - W) / (E - W)))``.
     """
-    epochs, warmup = protocol.epochs, protocol.warmup_epochs
-    if protocol.schedule == "cosine_per_epoch":
-        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * (step // steps_per_epoch) / epochs))
-    t = step / steps_per_epoch
-    if t < warmup:
-        return peak_lr * t / warmup
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / (epochs - warmup)))
+    if protocol.schedule == "cosine_per_epoch":  # no warm-up, the epoch as an integer
+        return warmup_cosine(step // steps_per_epoch, peak_lr, 0, protocol.epochs)
+    return warmup_cosine(step / steps_per_epoch, peak_lr, protocol.warmup_epochs, protocol.epochs)
 
 
 def linear_head(dim: int, num_classes: int, batchnorm: bool = True, init: str = "normal") -> nn.Module:
@@ -255,8 +254,8 @@ def train_linear_head(
     x = torch.as_tensor(np.asarray(train_x), dtype=torch.float32, device=device)
     y = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
     xt = torch.as_tensor(np.asarray(test_x), dtype=torch.float32, device=device)
-    if not (torch.isfinite(x).all() and torch.isfinite(xt).all()):
-        raise UsageError("features contain NaN or inf: the backbone diverged or the checkpoint is broken")
+    check_finite(x)
+    check_finite(xt)
     num_classes = num_classes or int(y.max()) + 1
     batch = min(recipe.batch_size, len(x))  # clamped to the training set; the lr follows the batch used
     if recipe.batchnorm and batch < 2:
@@ -264,7 +263,7 @@ def train_linear_head(
             f"the {recipe.name} protocol's BatchNorm needs batches of at least 2 samples, got {batch} "
             "(more training samples or a larger linear_head.batch_size)"
         )
-    lr = recipe.base_lr * batch / 256
+    lr = scaled_lr(recipe.base_lr, batch)
     steps_per_epoch = len(x) // batch if recipe.drop_last else math.ceil(len(x) / batch)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -277,8 +276,9 @@ def train_linear_head(
         return ((x[order[i : i + size]], y[order[i : i + size]]) for i in range(0, end, size))
 
     threads = torch.get_num_threads()
-    if augmented is None and device.type == "cpu" and x.numel() * num_classes < 50_000_000:
-        torch.set_num_threads(1)  # tiny steps: intra-op threads cost more in waiting than they save
+    few = threads_for(x.numel() * num_classes)
+    if augmented is None and device.type == "cpu" and few:
+        torch.set_num_threads(few)  # tiny steps: intra-op threads cost more in waiting than they save
     try:
         losses = _train(head, opt, recipe, lr, augmented or cached, batch, steps_per_epoch, device)
     finally:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from selfsup.errors import UsageError
+from selfsup.accel import threads_for
+from selfsup.metrics import check_finite, topk_accuracy
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
 
@@ -54,15 +55,6 @@ class LinearProbeResult:
     details: dict = field(default_factory=dict)  # protocol-specific: chosen C, sweep, losses
 
 
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) of class ``scores`` (n, len(classes)) against ``labels``."""
-    order = np.argsort(-scores, axis=1)[:, :5]
-    top = classes[order]
-    top1 = 100.0 * float(np.mean(top[:, 0] == labels))
-    top5 = 100.0 * float(np.mean((top == labels[:, None]).any(axis=1)))
-    return top1, top5
-
-
 def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
@@ -76,12 +68,6 @@ def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(train), np.sort(val)
 
 
-def _blas_threads(n_values: int) -> int | None:
-    # L-BFGS on a small problem is thousands of tiny matrix products; multi-threaded BLAS spends
-    # them waiting for its threads (measured 100x slower on a busy 2-core machine): one thread.
-    return 1 if n_values < 50_000_000 else None
-
-
 def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
     """One L-BFGS fit from sklearn's cold start: the same starting point for the sweep and the refit."""
     from sklearn.exceptions import ConvergenceWarning
@@ -89,7 +75,7 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
     from threadpoolctl import threadpool_limits
 
     clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)
-    with warnings.catch_warnings(), threadpool_limits(_blas_threads(x.size * len(np.unique(y)))):
+    with warnings.catch_warnings(), threadpool_limits(threads_for(x.size * len(np.unique(y)))):
         warnings.simplefilter("ignore", ConvergenceWarning)
         return clf.fit(x, y)
 
@@ -108,8 +94,8 @@ def logreg_probe(
     train_x = np.asarray(train_x, dtype=np.float64)
     test_x = np.asarray(test_x, dtype=np.float64)
     train_y, test_y = np.asarray(train_y, dtype=np.int64), np.asarray(test_y, dtype=np.int64)
-    if not (np.isfinite(train_x).all() and np.isfinite(test_x).all()):
-        raise UsageError("features contain NaN or inf: the backbone diverged or the checkpoint is broken")
+    check_finite(train_x)
+    check_finite(test_x)
     classes = np.unique(train_y)
     if len(classes) == 1:  # nothing to separate: every prediction is the one class
         preds = np.full(len(test_y), classes[0])

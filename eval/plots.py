@@ -15,21 +15,6 @@ MAX_CONFUSION_CLASSES = 100
 MAX_EMBEDDING_POINTS = 5000
 
 
-def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts (true class, predicted class)."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)), 1)
-    return matrix
-
-
-def per_class_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """Percent correct per class; NaN for classes absent from ``labels``."""
-    matrix = confusion(labels, predictions, num_classes)
-    totals = matrix.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, 100.0 * np.diag(matrix) / np.maximum(totals, 1), np.nan)
-
-
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, path: Path) -> Path:
     """Row-normalised confusion matrix; class names on the axes up to 30 classes."""
     n = matrix.shape[0]
@@ -82,7 +67,12 @@ def embed_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 
 
 def plot_embedding(
-    features: np.ndarray, labels: np.ndarray, class_names: Sequence[str], title: str, path: Path, seed: int = 0
+    features: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    title: str,
+    path: Path,
+    seed: int = 0,
 ) -> tuple[Path, str]:
     """Scatter of (a subsample of) test features in 2-D, coloured by class."""
     rng = np.random.default_rng(seed)
@@ -92,10 +82,20 @@ def plot_embedding(
     coords, method = embed_2d(np.asarray(features)[idx], seed)
     labels = np.asarray(labels)[idx]
     fig, ax = plt.subplots(figsize=(6, 5))
-    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20" if len(class_names) <= 20 else "nipy_spectral")
+    cmap = plt.get_cmap(
+        "tab10" if len(class_names) <= 10 else "tab20" if len(class_names) <= 20 else "nipy_spectral"
+    )
     colours = labels / max(len(class_names) - 1, 1) if len(class_names) > 20 else labels
-    ax.scatter(coords[:, 0], coords[:, 1], c=colours, cmap=cmap, s=6, alpha=0.8, vmin=0,
-               vmax=1 if len(class_names) > 20 else cmap.N - 1)
+    ax.scatter(
+        coords[:, 0],
+        coords[:, 1],
+        c=colours,
+        cmap=cmap,
+        s=6,
+        alpha=0.8,
+        vmin=0,
+        vmax=1 if len(class_names) > 20 else cmap.N - 1,
+    )
     if len(class_names) <= 20:
         for c, name in enumerate(class_names):
             ax.scatter([], [], color=cmap(c), label=name, s=12)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from selfsup.accel import make_accelerator
 from selfsup.data import DataOptions, DatasetInfo, build_dataset
 from selfsup.errors import UsageError
 from selfsup.eval.augment import probe_augmented_batches
@@ -29,6 +30,8 @@ from selfsup.eval.sources import Source, from_checkpoint, from_model_name, rando
 from selfsup.features import check_feature_kind
 from selfsup.files import ensure_writable_dir
 from selfsup.imagefolder import report_corrupt
+from selfsup.metrics import check_finite
+from selfsup.precision import describe_cpu
 from selfsup.transforms import eval_transform
 
 METHODS = ("knn", "linear")
@@ -47,6 +50,8 @@ class ProbeConfig:
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     temperature: float = 0.07
     knn_backend: Literal["auto", "faiss-gpu", "faiss-cpu", "torch"] = "auto"
+    # auto: exact below 2 M training rows (knn.py)
+    knn_index: Literal["auto", "flat", "ivf", "ivfpq"] = "auto"
     linear_protocol: Literal["sklearn", "mocov3", "mae"] = "sklearn"
     logreg: LogRegConfig = field(default_factory=LogRegConfig)
     linear_head: LinearHeadConfig = field(default_factory=LinearHeadConfig)
@@ -80,9 +85,13 @@ def _sources(config: ProbeConfig) -> list[Source]:
         sources.append(src)
         if config.compare_random_init:
             sources.append(random_init_twin(src, config.seed))
-    sources += [from_model_name(name, config.img_size, config.patch_size, config.seed) for name in config.models]
+    sources += [
+        from_model_name(name, config.img_size, config.patch_size, config.seed) for name in config.models
+    ]
     if not sources:
-        raise UsageError("nothing to evaluate: give --checkpoint PATH (repeatable) or --model NAME --random-init")
+        raise UsageError(
+            "nothing to evaluate: give --checkpoint PATH (repeatable) or --model NAME --random-init"
+        )
     seen, unique = set(), []
     for s in sources:  # e.g. two checkpoints of one architecture share a random-init twin
         key = str(s.identity()) + str(s.mean) + str(s.std)
@@ -95,7 +104,9 @@ def _sources(config: ProbeConfig) -> list[Source]:
 def _check(config: ProbeConfig) -> None:
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown or not config.methods:
-        raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none)'}; expected a subset of {','.join(METHODS)}")
+        raise UsageError(
+            f"unknown method(s) {', '.join(unknown) or '(none)'}; expected a subset of {','.join(METHODS)}"
+        )
     if not config.ks or min(config.ks) < 1:
         raise UsageError(f"ks must be positive integers, got {config.ks}")
     check_feature_kind(config.feature)
@@ -107,8 +118,10 @@ def _check(config: ProbeConfig) -> None:
     if config.linear_protocol != "sklearn":
         resolve_protocol(config.linear_protocol, config.linear_head)  # 'torch', unknown names, bad overrides
     elif config.linear_head.augment:
-        raise UsageError("linear_head.augment=true trains a head on augmented views, which the sklearn protocol does "
-                         "not: use --linear-protocol mocov3 or mae")
+        raise UsageError(
+            "linear_head.augment=true trains a head on augmented views, which the sklearn protocol does "
+            "not: use --linear-protocol mocov3 or mae"
+        )
 
 
 class _Features:
@@ -123,21 +136,34 @@ class _Features:
     def __call__(self, source: Source) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
         cfg, info = self.config, self.info
         mean, std = source.mean or info.mean, source.std or info.std
-        differs = source.kind == "checkpoint" and not (np.allclose(mean, info.mean, atol=1e-3) and np.allclose(std, info.std, atol=1e-3))
+        differs = source.kind == "checkpoint" and not (
+            np.allclose(mean, info.mean, atol=1e-3) and np.allclose(std, info.std, atol=1e-3)
+        )
         if differs:
-            print(f"warning: {source.name} normalises with mean={list(mean)} std={list(std)} from its checkpoint, "
-                  f"which differ from {info.name}'s defaults mean={list(info.mean)} std={list(info.std)}", file=sys.stderr)
+            print(
+                f"warning: {source.name} normalises with mean={list(mean)} std={list(std)} from its checkpoint, "
+                f"which differ from {info.name}'s defaults mean={list(info.mean)} std={list(info.std)}",
+                file=sys.stderr,
+            )
         transform = eval_transform(source.spec.img_size, mean, std, info.image_size)
         precision = "bf16" if autocast_dtype(self.accelerator.device, cfg.precision) else "fp32"
         model = None
         out = {}
         for split in ("train", "val"):
-            dataset, _ = build_dataset(cfg.dataset, split, transform, cfg.data)  # lists files, decodes nothing
-            key = cache_key({
-                "model": source.identity(), "dataset": cfg.dataset, "split": split, "data": _data_identity(cfg.data),
-                "files": _file_list_digest(dataset), "transform": repr(transform), "feature": cfg.feature,
-                "precision": precision,
-            })
+            # lists files, decodes nothing
+            dataset, _ = build_dataset(cfg.dataset, split, transform, cfg.data)
+            key = cache_key(
+                {
+                    "model": source.identity(),
+                    "dataset": cfg.dataset,
+                    "split": split,
+                    "data": _data_identity(cfg.data),
+                    "files": _file_list_digest(dataset),
+                    "transform": repr(transform),
+                    "feature": cfg.feature,
+                    "precision": precision,
+                }
+            )
             hit = self.cache.get(key)
             if hit is not None:
                 self.hits.append(f"{source.name}:{split}")
@@ -148,15 +174,22 @@ class _Features:
                 check_feature_kind(cfg.feature, model)
             start = time.perf_counter()
             feats, labels = extract_features(
-                model, dataset, cfg.feature, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                precision=cfg.precision, accelerator=self.accelerator, desc=f"{source.name} {split}",
+                model,
+                dataset,
+                cfg.feature,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                precision=cfg.precision,
+                accelerator=self.accelerator,
+                desc=f"{source.name} {split}",
             )
             seconds = time.perf_counter() - start
             report_corrupt(dataset)
-            if len(feats) and not np.isfinite(feats).all():
-                raise UsageError(f"{source.name}: {split} features contain NaN or inf: the backbone diverged or the checkpoint is broken")
+            check_finite(feats, f"{source.name}: {split} features")
             if self.accelerator.is_main_process:
-                self.cache.put(key, feats, labels, {"source": source.name, "split": split, "seconds": seconds})
+                self.cache.put(
+                    key, feats, labels, {"source": source.name, "split": split, "seconds": seconds}
+                )
             self.accelerator.wait_for_everyone()
             out[split] = (feats, labels, seconds)
         return out
@@ -177,7 +210,14 @@ def _file_list_digest(dataset) -> str | None:
 
 
 def _data_identity(options: DataOptions) -> dict[str, Any]:
-    skip = {"root", "download", "strict", "shuffle", "need_labels", "hold_out"}  # they do not change what the data is
+    skip = {
+        "root",
+        "download",
+        "strict",
+        "shuffle",
+        "need_labels",
+        "hold_out",
+    }  # they do not change what the data is
     return {k: v for k, v in vars(options).items() if k not in skip}
 
 
@@ -187,19 +227,37 @@ def _evaluate(config: ProbeConfig, source: Source, feats, info: DatasetInfo) -> 
     if len(train_x) == 0 or len(test_x) == 0:
         raise UsageError(f"{config.dataset}: the train or val split is empty; nothing to evaluate")
     metrics: dict[str, Any] = {
-        "name": source.name, "kind": source.kind, "path": source.path, "weights_sha256": source.weights_sha256,
-        "spec": source.spec.to_dict(), "seed": source.seed if source.kind == "random_init" else None,
-        "feature_dim": int(train_x.shape[1]), "n_train": len(train_x), "n_test": len(test_x),
+        "name": source.name,
+        "kind": source.kind,
+        "path": source.path,
+        "weights_sha256": source.weights_sha256,
+        "spec": source.spec.to_dict(),
+        "seed": source.seed if source.kind == "random_init" else None,
+        "feature_dim": int(train_x.shape[1]),
+        "n_train": len(train_x),
+        "n_test": len(test_x),
         "extract_seconds": round(train_s + test_s, 2),
     }
     run = ModelRun(source, test_x, test_y, metrics)
     n_classes = max(info.num_classes, int(train_y.max()) + 1, int(test_y.max()) + 1)
     if "knn" in config.methods:
         start = time.perf_counter()
-        results = knn_classify(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
-                               torch.from_numpy(test_y), config.ks, config.temperature, n_classes, config.knn_backend)
-        metrics["knn"] = {str(k): {"k": k, "k_used": r.k, "top1": r.top1, "top5": r.top5} for k, r in results.items()}
+        results = knn_classify(
+            torch.from_numpy(train_x),
+            torch.from_numpy(train_y),
+            torch.from_numpy(test_x),
+            torch.from_numpy(test_y),
+            config.ks,
+            config.temperature,
+            n_classes,
+            config.knn_backend,
+            config.knn_index,
+        )
+        metrics["knn"] = {
+            str(k): {"k": k, "k_used": r.k, "top1": r.top1, "top5": r.top5} for k, r in results.items()
+        }
         metrics["knn_seconds"] = round(time.perf_counter() - start, 2)
+        metrics["knn_index"] = next(iter(results.values())).index  # "flat" (exact) or the approximate index
         best = max(results, key=lambda k: results[k].top1)
         run.predictions[f"knn (k={best})"] = results[best].predictions.numpy()
     if "linear" in config.methods:
@@ -208,10 +266,22 @@ def _evaluate(config: ProbeConfig, source: Source, feats, info: DatasetInfo) -> 
             result = logreg_probe(train_x, train_y, test_x, test_y, config.logreg)
         else:
             augmented = probe_augmented_batches(config, source, info) if config.linear_head.augment else None
-            result = train_linear_head(train_x, train_y, test_x, test_y, config.linear_head, n_classes,
-                                       config.linear_protocol, augmented)
-        metrics["linear"] = {"protocol": config.linear_protocol, "top1": result.top1, "top5": result.top5,
-                             **{k: v for k, v in result.details.items() if k != "protocol"}}
+            result = train_linear_head(
+                train_x,
+                train_y,
+                test_x,
+                test_y,
+                config.linear_head,
+                n_classes,
+                config.linear_protocol,
+                augmented,
+            )
+        metrics["linear"] = {
+            "protocol": config.linear_protocol,
+            "top1": result.top1,
+            "top5": result.top5,
+            **{k: v for k, v in result.details.items() if k != "protocol"},
+        }
         metrics["linear_seconds"] = round(time.perf_counter() - start, 2)
         run.predictions[f"linear ({config.linear_protocol})"] = np.asarray(result.predictions)
     return run
@@ -219,21 +289,26 @@ def _evaluate(config: ProbeConfig, source: Source, feats, info: DatasetInfo) -> 
 
 def run_probe(config: ProbeConfig, accelerator=None) -> dict[str, Any]:
     """Evaluate every source in ``config``; write the report under ``config.out`` (when set)."""
-    from accelerate import Accelerator
-
     started = time.perf_counter()
     _check(config)
     _, info = build_dataset(config.dataset, "train", None, config.data)  # an unknown dataset fails here
     sources = _sources(config)
     if config.out:
         ensure_writable_dir(config.out, "--out")  # fail now, not after extracting every feature
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or make_accelerator(None)  # features autocast themselves (extract.py)
     features = _Features(config, info, accelerator)
     runs = [_evaluate(config, s, features(s), info) for s in sources]
     metrics = {
-        "dataset": config.dataset, "classes": list(info.classes), "feature": config.feature,
-        "methods": list(config.methods), "models": [r.metrics for r in runs], "cache_hits": features.hits,
+        "dataset": config.dataset,
+        "classes": list(info.classes),
+        "feature": config.feature,
+        "methods": list(config.methods),
+        "models": [r.metrics for r in runs],
+        "cache_hits": features.hits,
         "wall_seconds": None,
+        # what the numbers depend on besides seeds: the same machine and threads give the same numbers
+        "machine": describe_cpu(),
+        "torch_threads": torch.get_num_threads(),
     }
     if config.out and accelerator.is_main_process:
         from selfsup.eval.report import write_report

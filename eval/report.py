@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from selfsup.checkpoint import atomic_write_bytes, library_versions
+from selfsup.checkpoint import library_versions
 from selfsup.config import save_config
 from selfsup.eval import plots
+from selfsup.files import atomic_write_bytes
+from selfsup.metrics import confusion, per_class_accuracy
 
 
 @dataclass
@@ -168,7 +170,7 @@ def _blocks(out: Path, config, metrics: dict[str, Any], runs, info) -> list[Bloc
     figures: list[Block] = []
     for run in runs:
         method, preds = next(reversed(run.predictions.items()))  # linear when run, else the best kNN
-        acc = plots.per_class_accuracy(run.test_labels, preds, n_classes)
+        acc = per_class_accuracy(run.test_labels, preds, n_classes)
         run.metrics["per_class"] = {
             "method": method,
             "top1": {c: (None if np.isnan(a) else round(float(a), 2)) for c, a in zip(names, acc)},
@@ -179,7 +181,7 @@ def _blocks(out: Path, config, metrics: dict[str, Any], runs, info) -> list[Bloc
         slug = _slug(run.source.name)
         if n_classes <= plots.MAX_CONFUSION_CLASSES:
             path = plots.plot_confusion(
-                plots.confusion(run.test_labels, preds, n_classes),
+                confusion(run.test_labels, preds, n_classes),
                 names,
                 f"{run.source.name}: {method}",
                 fig / f"confusion_{slug}.png",
@@ -231,6 +233,10 @@ def _blocks(out: Path, config, metrics: dict[str, Any], runs, info) -> list[Bloc
             f"created {metrics['created']}.",
         ),
         Block("p", "Versions: " + ", ".join(f"{k} {v}" for k, v in metrics["versions"].items())),
+        Block(
+            "p",
+            f"Machine: {metrics.get('machine', 'not recorded')}; torch threads {metrics.get('torch_threads', '?')}.",
+        ),
     ]
     return blocks
 

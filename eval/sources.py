@@ -61,7 +61,14 @@ def from_checkpoint(path: str | Path, img_size: int | None = None, patch_size: i
 
 def random_init_twin(source: Source, seed: int = 0) -> Source:
     """The same architecture, input size and normalisation as ``source``, at random initialisation."""
-    return Source(f"{source.name} (random init)", "random_init", replace(source.spec), source.mean, source.std, seed=seed)
+    return Source(
+        f"{source.name} (random init)",
+        "random_init",
+        replace(source.spec),
+        source.mean,
+        source.std,
+        seed=seed,
+    )
 
 
 def from_model_name(arch: str, img_size: int | None, patch_size: int | None, seed: int = 0) -> Source:

@@ -81,7 +81,10 @@ def weights_path(path: str | Path) -> Path:
 
 
 def save_checkpoint(
-    path: str | Path, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta, model: nn.Module | None = None
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    meta: CheckpointMeta,
+    model: nn.Module | None = None,
 ) -> Path:
     """Save tensors and sidecar; returns the ``.safetensors`` path. Weights first, then the sidecar.
 
@@ -94,7 +97,9 @@ def save_checkpoint(
         meta.timm = {
             "model_name": name,
             "kwargs": kwargs,
-            "pretrained_cfg": timm_pretrained_cfg(name, meta.num_classes, meta.img_size, meta.mean, meta.std, crop, target.name),
+            "pretrained_cfg": timm_pretrained_cfg(
+                name, meta.num_classes, meta.img_size, meta.mean, meta.std, crop, target.name
+            ),
         }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     # One metadata key only: safetensors stores metadata in a hash map whose order varies per
@@ -138,7 +143,9 @@ def _weights_file(path: str | Path) -> tuple[Path, CheckpointMeta]:
     target = weights_path(path)
     meta = read_meta(target)
     if not target.is_file():
-        raise UsageError(f"checkpoint weights {target} are missing (the sidecar {sidecar_path(target)} exists)")
+        raise UsageError(
+            f"checkpoint weights {target} are missing (the sidecar {sidecar_path(target)} exists)"
+        )
     return target, meta
 
 
@@ -194,25 +201,37 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
                 num_prefix_tokens=prefix,
             )
     key = "patch_embed.proj.weight"
-    if key in state and state[key].shape[-2:] != own[key].shape[-2:] and state[key].shape[:2] == own[key].shape[:2]:
+    if (
+        key in state
+        and state[key].shape[-2:] != own[key].shape[-2:]
+        and state[key].shape[:2] == own[key].shape[:2]
+    ):
         state[key] = resample_patch_embed(state[key], new_size=list(own[key].shape[-2:]))
     return state
 
 
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str, allow_missing: tuple[str, ...] = ()) -> None:
+def load_state_checked(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, allow_missing: tuple[str, ...] = ()
+) -> None:
     """``load_state_dict`` that reports missing/unexpected keys and shape mismatches in one error.
 
     ``allow_missing`` lists key prefixes the caller will initialise itself (e.g. a new ``head.``).
     """
     own = model.state_dict()
     mismatched = [
-        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
     ]
     missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
     unexpected = [k for k in state if k not in own]
     if mismatched or missing or unexpected:
         parts = []
-        for label, keys in (("shape mismatches", mismatched), ("missing keys", missing), ("unexpected keys", unexpected)):
+        for label, keys in (
+            ("shape mismatches", mismatched),
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+        ):
             if keys:
                 shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
                 parts.append(f"{len(keys)} {label}: {shown}")
@@ -241,7 +260,9 @@ def load_backbone(
         spec.patch_size = patch_size
     model = create_backbone(spec, num_classes=num_classes)
     if spec.pos_embed == "sincos" and "pos_embed" in state:
-        state["pos_embed"] = model.pos_embed.detach().clone()  # a fixed table: rebuilt for this grid, never interpolated
+        state["pos_embed"] = (
+            model.pos_embed.detach().clone()
+        )  # a fixed table: rebuilt for this grid, never interpolated
     state = adapt_state_dict(state, model)
     own = model.state_dict()
     head_keys = [k for k in state if k.startswith("head.")]

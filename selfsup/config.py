@@ -48,11 +48,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except UsageError as err:
                 errors.append(str(err))
-        raise errors[0] if len(errors) == 1 else UsageError(f"config key '{key}' got {value!r}: " + "; ".join(errors))
+        raise (
+            errors[0]
+            if len(errors) == 1
+            else UsageError(f"config key '{key}' got {value!r}: " + "; ".join(errors))
+        )
     if origin is typing.Literal:
         if value in args:
             return value
-        raise UsageError(f"config key '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}{_yaml11_hint(value)}")
+        raise UsageError(
+            f"config key '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}{_yaml11_hint(value)}"
+        )
     if origin in (list, tuple):
         if isinstance(value, str):  # "a,b,c" in a YAML file
             return _from_text(value, annotation, key)
@@ -166,7 +172,9 @@ def _from_text(raw: str, annotation: Any, key: str) -> Any:
         raise UsageError(f"config key '{key}' got {raw!r}: " + "; ".join(errors))
     if origin is typing.Literal:
         for option in args:
-            if raw == str(option) or (isinstance(option, bool) and raw.lower() in (_TRUE if option else _FALSE)):
+            if raw == str(option) or (
+                isinstance(option, bool) and raw.lower() in (_TRUE if option else _FALSE)
+            ):
                 return option
         raise UsageError(f"config key '{key}' must be one of {', '.join(map(repr, args))}, got {raw!r}")
     if origin in (list, tuple):
@@ -243,7 +251,9 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return value  # type: ignore[return-value]
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> T:
     """Defaults of ``cls``, then the YAML file at ``path``, then ``key=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:

@@ -175,7 +175,8 @@ def _torchvision(
             if "download" in str(err).lower() or "not found" in str(err).lower():
                 raise UsageError(
                     f"{name}: no data under {root} (expected {layout}, as torchvision writes it); "
-                    f"add --download to fetch it, or set --data-root to a folder that has it"
+                    f"fetch it once with `selfsup-data {name} --download --data-root {root}` (every stage then "
+                    f"finds it), or point --data-root / data_root= at a folder that has it"
                 ) from None
             raise
         classes = getattr(dataset, "classes", None)

@@ -70,7 +70,9 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise UsageError(f"{what} {path} is not writable ({describe_os_error(err)}); choose another folder or fix its permissions") from None
+        raise UsageError(
+            f"{what} {path} is not writable ({describe_os_error(err)}); choose another folder or fix its permissions"
+        ) from None
     return path
 
 

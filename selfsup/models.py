@@ -165,7 +165,9 @@ def moco_v3_init(model: nn.Module) -> None:
         nn.init.normal_(model.cls_token, std=1e-6)
 
 
-def timm_rebuild_args(model: nn.Module, spec: BackboneSpec, num_classes: int = 0) -> tuple[str, dict[str, Any]]:
+def timm_rebuild_args(
+    model: nn.Module, spec: BackboneSpec, num_classes: int = 0
+) -> tuple[str, dict[str, Any]]:
     """The timm model name and every constructor argument that shapes ``model``'s weights.
 
     Written into checkpoint sidecars so stock ``timm.create_model`` rebuilds the same network

@@ -26,8 +26,12 @@ def cpu_has_native_bf16() -> bool:
 
     torch reports the x86 features; on other CPUs (ARM, POWER) a short timed matmul decides.
     """
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    if all(p is not None for p in probes) and torch.backends.cpu.get_cpu_capability().startswith(("AVX", "DEFAULT")):
+    probes = [
+        getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    ]
+    if all(p is not None for p in probes) and torch.backends.cpu.get_cpu_capability().startswith(
+        ("AVX", "DEFAULT")
+    ):
         return any(p() for p in probes)
     return bf16_speed_ratio() >= 1.0
 
@@ -64,7 +68,13 @@ def resolve_precision(requested: str, device: torch.device | str, *, quiet: bool
         if device.type == "cpu":
             return "bf16" if cpu_has_native_bf16() else "no"
         return "no"
-    if requested == "bf16" and device.type == "cpu" and not cpu_has_native_bf16() and not quiet and not _WARNED:
+    if (
+        requested == "bf16"
+        and device.type == "cpu"
+        and not cpu_has_native_bf16()
+        and not quiet
+        and not _WARNED
+    ):
         _WARNED.append(True)  # once per process: several stages may resolve the same choice
         ratio = bf16_speed_ratio()
         print(

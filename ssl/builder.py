@@ -110,4 +110,6 @@ class MoCoV3(nn.Module):
 def build_model(config: PretrainConfig) -> MoCoV3:
     """The MoCo v3 module of a run's config (the official init comes with ``model.init=moco_v3``)."""
     m = config.moco
-    return MoCoV3(create_backbone(config.model), m.dim, m.mlp_dim, m.temperature, m.proj_layers, m.pred_layers)
+    return MoCoV3(
+        create_backbone(config.model), m.dim, m.mlp_dim, m.temperature, m.proj_layers, m.pred_layers
+    )

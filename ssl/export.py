@@ -17,9 +17,9 @@ from torch import nn
 from selfsup.checkpoint import CheckpointMeta, save_checkpoint
 from selfsup.config import to_dict
 from selfsup.errors import UsageError
+from selfsup.runstate import MODEL_FILE, check_resume_config, load_position, resolve_resume
 from selfsup.ssl.builder import build_model
-from selfsup.ssl.runstate import MODEL_FILE, check_resume_config, load_position, resolve_resume
-from selfsup.ssl.settings import PretrainConfig
+from selfsup.ssl.settings import RESUMABLE_CHANGES, PretrainConfig
 
 BACKBONE_NAME = "backbone"
 
@@ -36,7 +36,9 @@ def export_backbone(
         stage="pretrain",
         config=to_dict(config),
     )
-    return save_checkpoint(Path(out or config.out) / BACKBONE_NAME, backbone.state_dict(), meta, model=backbone)
+    return save_checkpoint(
+        Path(out or config.out) / BACKBONE_NAME, backbone.state_dict(), meta, model=backbone
+    )
 
 
 def export_latest(config: PretrainConfig) -> Path:
@@ -45,7 +47,7 @@ def export_latest(config: PretrainConfig) -> Path:
     if checkpoint is None:
         raise UsageError(f"export_only: no complete checkpoint under {config.out}/checkpoints; train first")
     position = load_position(checkpoint)
-    check_resume_config(checkpoint, position, to_dict(config), config.force_resume)
+    check_resume_config(checkpoint, position, to_dict(config), config.force_resume, RESUMABLE_CHANGES)
     model = build_model(config)
     state = load_file(str(checkpoint / MODEL_FILE))
     model.load_state_dict(state)

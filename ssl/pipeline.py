@@ -8,7 +8,6 @@ pinned on GPUs, incomplete batches are dropped.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,13 +20,7 @@ from selfsup.errors import UsageError
 from selfsup.ssl.augment import StreamViews, TwoViews, byol_views
 from selfsup.ssl.sampling import EndlessBatches, GlobalBatchSampler
 from selfsup.ssl.settings import PretrainConfig
-
-
-def _workers_leave_signals_to_the_main_process(_worker_id: int) -> None:
-    # Ctrl-C and scancel signal the whole process group; a worker that died of it would turn the
-    # main process's orderly "save and exit at the next step" into a DataLoader error.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+from selfsup.workers import leave_signals_to_the_main_process, stop_workers
 
 
 def data_options(config: PretrainConfig) -> DataOptions:
@@ -66,23 +59,16 @@ class Pipeline:
         """What the exported checkpoint needs to know about the data."""
         i = self.info
         return {
-            "mean": list(i.mean), "std": list(i.std), "num_classes": i.num_classes, "dataset": i.name,
+            "mean": list(i.mean),
+            "std": list(i.std),
+            "num_classes": i.num_classes,
+            "dataset": i.name,
             "classes": list(i.classes),
         }
 
     def close(self) -> None:
-        """Stop the DataLoader's worker processes now.
-
-        Persistent workers live in the loader's iterator until it is garbage-collected; torch has no
-        public call to stop them, so the iterator's own shutdown is invoked (it joins the workers
-        with a timeout and then terminates them). Safe to call twice.
-        """
-        iterator = getattr(self.loader, "_iterator", None)
-        if iterator is not None:
-            shutdown = getattr(iterator, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-            self.loader._iterator = None
+        """Stop the DataLoader's worker processes now (:func:`selfsup.workers.stop_workers`); safe twice."""
+        stop_workers(self.loader)
         if self.stream is not None:
             self.stream.close()
 
@@ -97,7 +83,7 @@ def build_pipeline(config: PretrainConfig, rank: int, world: int, device: torch.
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        worker_init_fn=_workers_leave_signals_to_the_main_process,
+        worker_init_fn=leave_signals_to_the_main_process,
     )
     if is_map_style(dataset):
         sampler = GlobalBatchSampler(len(dataset), config.batch_size, rank, world, config.seed)

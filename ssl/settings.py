@@ -16,6 +16,7 @@ from typing import Literal
 
 from selfsup.errors import UsageError
 from selfsup.models import BackboneSpec
+from selfsup.runstate import RUN_KEYS
 
 
 def _paper_backbone() -> BackboneSpec:
@@ -77,7 +78,8 @@ class PretrainConfig:
     seed: int = 0
     num_workers: int = 8  # DataLoader workers per process
     threads: int | None = None  # torch threads per process; 1 keeps a shared CPU from thrashing
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where native (GPU, AVX-512 BF16/AMX)
+    # auto: bf16 where native (GPU, AVX-512 BF16/AMX)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     val_fraction: float = 0.1  # share of a folder without val/ held out when hold_out_val (monitor queries)
     # false: pretrain on every training image (a folder without val/ loses none to a hold-out; the
     # monitor then queries a held-out sample that pretraining also saw, without its labels).
@@ -88,7 +90,8 @@ class PretrainConfig:
     synthetic_classes: int = 4
     # run management
     resume: str = "auto"  # "auto": latest checkpoint in `out` if any; "never"; or a checkpoint folder
-    force_resume: bool = False  # continue a checkpoint even though recipe settings changed (listed in a warning)
+    # continue a checkpoint even though recipe settings changed (listed in a warning)
+    force_resume: bool = False
     save_every_steps: int = 0  # 0: off
     save_every_epochs: int = 1
     keep_checkpoints: int = 2
@@ -101,18 +104,40 @@ class PretrainConfig:
     monitor_train_size: int = 2000
     monitor_val_size: int = 1000
     monitor_k: int = 20
-    export_only: bool = False
+    export_only: bool = False  # export the backbone of the latest checkpoint in `out`, no training
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("batch_size", 1), ("num_workers", 0), ("max_nan_steps", 1),
-                          ("log_every", 1), ("keep_checkpoints", 1), ("save_every_steps", 0),
-                          ("save_every_epochs", 0), ("monitor_every", 0)):
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("num_workers", 0),
+            ("max_nan_steps", 1),
+            ("log_every", 1),
+            ("keep_checkpoints", 1),
+            ("save_every_steps", 0),
+            ("save_every_epochs", 0),
+            ("monitor_every", 0),
+        ):
             value = getattr(self, name)
             if value < low:
                 raise UsageError(f"config key '{name}' must be at least {low}, got {value}")
         if self.threads is not None and self.threads < 1:
-            raise UsageError(f"config key 'threads' must be at least 1 (or null for torch's default), got {self.threads}")
+            raise UsageError(
+                f"config key 'threads' must be at least 1 (or null for torch's default), got {self.threads}"
+            )
         if self.optim.base_lr <= 0 or self.moco.temperature <= 0:
             raise UsageError("optim.base_lr and moco.temperature must be positive")
         if not 0 <= self.moco.momentum <= 1:
-            raise UsageError(f"moco.momentum must lie in [0, 1], got {self.moco.momentum}")  # export the backbone of the latest checkpoint in `out`, no training
+            raise UsageError(f"moco.momentum must lie in [0, 1], got {self.moco.momentum}")
+
+
+# Settings that may differ between a checkpoint and the run that resumes it: the shared run keys
+# (where and how the run is driven) and pretraining's own that do not change what it computes.
+RESUMABLE_CHANGES = RUN_KEYS | {
+    "export_only",
+    "monitor_every",
+    "monitor_at_start",
+    "monitor_train_size",
+    "monitor_val_size",
+    "monitor_k",
+}

@@ -14,11 +14,20 @@ from selfsup.checkpoint import CheckpointMeta, load_backbone, load_checkpoint, s
 from selfsup.errors import UsageError
 from selfsup.models import MOCO_V3_ARCHS, BackboneSpec, create_backbone
 
-SPEC = BackboneSpec("vit_small_patch16_224", img_size=32, patch_size=4, extra={"depth": 2, "embed_dim": 32, "num_heads": 4})
+SPEC = BackboneSpec(
+    "vit_small_patch16_224", img_size=32, patch_size=4, extra={"depth": 2, "embed_dim": 32, "num_heads": 4}
+)
 
 
 def _meta(spec=SPEC, **kw):
-    return CheckpointMeta(backbone=spec.to_dict(), img_size=spec.img_size, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), stage="test", **kw)
+    return CheckpointMeta(
+        backbone=spec.to_dict(),
+        img_size=spec.img_size,
+        mean=(0.1, 0.2, 0.3),
+        std=(0.4, 0.5, 0.6),
+        stage="test",
+        **kw,
+    )
 
 
 def test_round_trip_gives_equal_tensors_and_metadata(tmp_path):
@@ -29,7 +38,11 @@ def test_round_trip_gives_equal_tensors_and_metadata(tmp_path):
     state, loaded = load_checkpoint(path)
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert loaded.class_names == ["a", "b"] and loaded.config == {"lr": 0.1} and list(loaded.mean) == [0.1, 0.2, 0.3]
+    assert (
+        loaded.class_names == ["a", "b"]
+        and loaded.config == {"lr": 0.1}
+        and list(loaded.mean) == [0.1, 0.2, 0.3]
+    )
     assert loaded.weights_sha256 == meta.weights_sha256 and "torch" in loaded.versions
     rebuilt, _ = load_backbone(path)
     x = torch.randn(2, 3, 32, 32)
@@ -65,7 +78,12 @@ def test_weights_from_another_save_are_refused(tmp_path):
 
 
 def test_224_16_vit_loads_into_a_32_4_model_by_resampling(tmp_path):
-    big = BackboneSpec("vit_small_patch16_224", img_size=224, patch_size=16, extra={"depth": 1, "embed_dim": 32, "num_heads": 4})
+    big = BackboneSpec(
+        "vit_small_patch16_224",
+        img_size=224,
+        patch_size=16,
+        extra={"depth": 1, "embed_dim": 32, "num_heads": 4},
+    )
     model = create_backbone(big)
     path = save_checkpoint(tmp_path / "vit224", model.state_dict(), _meta(big))
     small, meta = load_backbone(path, img_size=32, patch_size=4)
@@ -84,7 +102,13 @@ def test_sincos_pos_embed_is_rebuilt_for_the_new_grid_not_interpolated(tmp_path)
 
 
 def test_learned_pos_embed_is_resampled_not_reset(tmp_path):
-    spec = BackboneSpec("vit_small_patch16_224", img_size=64, patch_size=16, pos_embed="learned", extra={"depth": 1, "embed_dim": 32, "num_heads": 4})
+    spec = BackboneSpec(
+        "vit_small_patch16_224",
+        img_size=64,
+        patch_size=16,
+        pos_embed="learned",
+        extra={"depth": 1, "embed_dim": 32, "num_heads": 4},
+    )
     model = create_backbone(spec)
     with torch.no_grad():
         model.pos_embed.normal_()
@@ -132,7 +156,9 @@ def test_classifier_head_is_kept_when_sizes_match(tmp_path):
 def test_stock_timm_rebuilds_every_alias_from_the_sidecar_alone(tmp_path, alias):
     spec = BackboneSpec(arch=alias, img_size=32, frozen_patch_embed=True, init="moco_v3")
     ours = create_backbone(spec).eval()
-    meta = CheckpointMeta(backbone=spec.to_dict(), img_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, stage="pretrain")
+    meta = CheckpointMeta(
+        backbone=spec.to_dict(), img_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, stage="pretrain"
+    )
     path = save_checkpoint(tmp_path / "backbone", ours.state_dict(), meta, model=ours)
     side = json.loads(path.with_suffix(".json").read_text())["timm"]  # no selfsup below this line
     stock = timm.create_model(
@@ -169,7 +195,12 @@ def test_identical_weights_get_identical_hashes_in_different_processes(tmp_path)
         "save_checkpoint(sys.argv[1], state, meta); print(meta.weights_sha256)"
     )
     hashes = {
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"w{i}")], capture_output=True, text=True, check=True).stdout
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"w{i}")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         for i in range(3)
     }
     assert len(hashes) == 1

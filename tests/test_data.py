@@ -411,3 +411,10 @@ def test_a_folder_of_32px_images_records_32_and_is_evaluated_whole(tmp_path):
     assert "Resize(size=64," in repr(
         eval_transform(64, mean, std, 32)
     )  # upsampled whole, the crop removes nothing
+
+
+def test_missing_torchvision_data_names_a_command_that_exists(tmp_path):
+    with pytest.raises(UsageError) as err:
+        build_dataset("cifar10", "train", options=DataOptions(root=str(tmp_path)))
+    assert f"selfsup-data cifar10 --download --data-root {tmp_path}" in str(err.value)
+    assert "add --download" not in str(err.value)

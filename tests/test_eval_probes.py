@@ -17,7 +17,8 @@ from selfsup.eval.linear_head import (
     resolve_protocol,
     train_linear_head,
 )
-from selfsup.eval.logreg import LogRegConfig, logreg_probe, topk_accuracy
+from selfsup.eval.logreg import LogRegConfig, logreg_probe
+from selfsup.metrics import topk_accuracy
 
 
 def separable(n: int, seed: int, classes: int = 5, dim: int = 20):

@@ -36,7 +36,9 @@ def test_moco_vit_small_has_12_heads_and_fixed_sincos():
 
 
 def test_frozen_patch_embed_is_uniform_within_the_xavier_bound_and_has_no_grad():
-    model = create_backbone(BackboneSpec("vit_small_patch16_224", img_size=32, patch_size=4, frozen_patch_embed=True, extra=TINY))
+    model = create_backbone(
+        BackboneSpec("vit_small_patch16_224", img_size=32, patch_size=4, frozen_patch_embed=True, extra=TINY)
+    )
     weight = model.patch_embed.proj.weight
     bound = math.sqrt(6.0 / (3 * 4 * 4 + 32))
     assert not weight.requires_grad and weight.abs().max() <= bound and weight.abs().max() > 0.9 * bound
@@ -45,7 +47,9 @@ def test_frozen_patch_embed_is_uniform_within_the_xavier_bound_and_has_no_grad()
 
 @pytest.mark.parametrize("kind,width", [("cls", 32), ("patch_mean", 32), ("cls_last2", 64)])
 def test_feature_kinds(kind, width):
-    model = create_backbone(BackboneSpec("vit_small_patch16_224", img_size=32, patch_size=8, extra=TINY)).eval()
+    model = create_backbone(
+        BackboneSpec("vit_small_patch16_224", img_size=32, patch_size=8, extra=TINY)
+    ).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         feats = extract(model, x, kind)

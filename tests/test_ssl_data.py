@@ -69,7 +69,16 @@ def test_pretraining_uses_every_image_of_a_folder_without_val_unless_told_to_hol
             Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
     sizes = {}
     for hold_out in ("false", "true"):
-        cfg = load_config(PretrainConfig, None, [f"dataset=imagefolder:{tmp_path}", "batch_size=4", "num_workers=0",
-                                                 f"hold_out_val={hold_out}", "val_fraction=0.2"])
+        cfg = load_config(
+            PretrainConfig,
+            None,
+            [
+                f"dataset=imagefolder:{tmp_path}",
+                "batch_size=4",
+                "num_workers=0",
+                f"hold_out_val={hold_out}",
+                "val_fraction=0.2",
+            ],
+        )
         sizes[hold_out] = len(build_pipeline(cfg, 0, 1, torch.device("cpu")).dataset)
     assert sizes == {"false": 20, "true": 16}

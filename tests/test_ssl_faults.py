@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import REPO
 
+from selfsup import runstate
 from selfsup.checkpoint import load_checkpoint
 from selfsup.config import load_config
 from selfsup.errors import UsageError
-from selfsup.ssl import runstate
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.ssl.train import TrainingDiverged, train
 
@@ -63,7 +63,9 @@ def one_error_line(stderr: str) -> str:
 @contextmanager
 def tiny_tmpfs(path, size="1m"):
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     if mounted.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root); the in-process disk-error test still runs")
     try:
@@ -76,7 +78,9 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_checkpoint(tm
     """With DataLoader workers (which ignore SIGTERM) a disk error used to leave the process hanging."""
     with tiny_tmpfs(tmp_path / "disk") as disk:
         out = disk / "run"
-        first = pretrain(f"out={out}", "max_steps=2", "save_every_steps=1", "keep_checkpoints=1", "num_workers=1")
+        first = pretrain(
+            f"out={out}", "max_steps=2", "save_every_steps=1", "keep_checkpoints=1", "num_workers=1"
+        )
         assert first.returncode == 0, first.stderr[-2000:]
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
         (disk / "ballast").write_bytes(b"\0" * max(0, free - 8192))  # leave 8 KiB: the next save fails
@@ -112,13 +116,19 @@ def test_a_disk_error_inside_a_save_is_one_usage_error(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=r"no space left.*step_00000004 is intact.*resume=auto"):
         train(config(tmp_path, "max_steps=8", "save_every_steps=2"))
     monkeypatch.setattr(runstate, "save", original)
-    assert calls["n"] == 1 and [p.name for p in runstate.complete_checkpoints(tmp_path)][-1] == "step_00000004"
+    assert (
+        calls["n"] == 1 and [p.name for p in runstate.complete_checkpoints(tmp_path)][-1] == "step_00000004"
+    )
 
 
 def test_resuming_under_another_recipe_is_refused_with_the_changed_keys(tmp_path):
     train(config(tmp_path, "max_steps=4"))
-    for change, key in (("batch_size=32", "batch_size"), ("optim.base_lr=0.5", "optim.base_lr"),
-                        ("dataset=digits", "dataset"), ("model.extra.depth=2", "model.extra.depth")):
+    for change, key in (
+        ("batch_size=32", "batch_size"),
+        ("optim.base_lr=0.5", "optim.base_lr"),
+        ("dataset=digits", "dataset"),
+        ("model.extra.depth=2", "model.extra.depth"),
+    ):
         with pytest.raises(UsageError, match=rf"{key}: .* -> .*new out=.*force_resume=true"):
             train(config(tmp_path, "max_steps=6", change))
     assert train(config(tmp_path, "max_steps=6", "save_every_steps=3", "num_workers=1")).step == 6  # allowed
@@ -164,7 +174,9 @@ def test_the_log_holds_null_for_a_non_finite_loss(tmp_path, monkeypatch):
     def strict(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
 
-    records = [json.loads(line, parse_constant=strict) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line, parse_constant=strict) for line in (tmp_path / "log.jsonl").read_text().splitlines()
+    ]
     assert [r["loss"] for r in records] == [None, None]
 
 
@@ -181,10 +193,15 @@ def test_ten_sigkills_at_random_moments_resume_to_the_uninterrupted_weights(tmp_
     for _kill in range(10):
         proc = subprocess.Popen(
             [sys.executable, str(REPO / "ssl" / "pretrain.py"), *TINY, *args, f"out={out}"],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        start_steps = len(runstate.complete_checkpoints(out)) and runstate.load_position(
-            runstate.complete_checkpoints(out)[-1]).step
+        start_steps = (
+            len(runstate.complete_checkpoints(out))
+            and runstate.load_position(runstate.complete_checkpoints(out)[-1]).step
+        )
         wait_steps, deadline = rng.randint(0, 2), time.time() + 60
         while proc.poll() is None and time.time() < deadline:  # random phase: after 0-2 new steps
             if seen_a_checkpoint:
@@ -206,3 +223,11 @@ def test_ten_sigkills_at_random_moments_resume_to_the_uninterrupted_weights(tmp_
     b, _ = load_checkpoint(straight.backbone)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((out / "checkpoints").glob(".*"))  # no temporary or aside folders left
+
+
+def test_the_run_records_the_precision_it_resolved(tmp_path, capsys):
+    import yaml
+
+    train(config(tmp_path, "max_steps=1"))
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())["mixed_precision"]
+    assert recorded in ("no", "bf16") and f"precision: {recorded} (auto:" in capsys.readouterr().err

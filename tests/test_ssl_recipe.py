@@ -9,9 +9,11 @@ from torch import nn
 
 from selfsup.config import load_config
 from selfsup.models import BackboneSpec, create_backbone, sincos_pos_embed
+from selfsup.schedules import scaled_lr
+from selfsup.schedules import warmup_cosine as learning_rate
 from selfsup.ssl.builder import MoCoV3, contrastive_loss, gather_keys
 from selfsup.ssl.heads import predictor, projector
-from selfsup.ssl.schedules import learning_rate, moco_momentum, scaled_lr
+from selfsup.ssl.schedules import moco_momentum
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.ssl.syncbn import AllReduceBatchNorm1d, convert_batchnorm
 

@@ -16,9 +16,9 @@ from conftest import REPO
 
 from selfsup.checkpoint import load_backbone, load_checkpoint
 from selfsup.config import load_config
+from selfsup.runstate import complete_checkpoints
 from selfsup.ssl import cli
 from selfsup.ssl.builder import MoCoV3
-from selfsup.ssl.runstate import complete_checkpoints
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.ssl.train import TrainingDiverged, train
 
@@ -156,7 +156,7 @@ def test_a_nan_streak_stops_the_run_keeping_the_checkpoint_from_before(tmp_path,
     assert exit_info.value.code == cli.EXIT_DIVERGED
 
 
-def test_a_stream_of_shards_runs_length_per_epoch_images_per_epoch(tmp_path):
+def test_a_stream_of_shards_runs_length_per_epoch_images_per_epoch(tmp_path, capsys):
     import webdataset as wds
     from PIL import Image
 
@@ -180,6 +180,16 @@ def test_a_stream_of_shards_runs_length_per_epoch_images_per_epoch(tmp_path):
     assert (
         result.status == "finished" and result.step == 6
     )  # 48 // 16 per epoch; the 40-image stream restarts
+    again = config(
+        tmp_path / "run",
+        "dataset=imagenet22k",
+        f"data_root={tmp_path / 'data'}",
+        "length_per_epoch=48",
+        "epochs=2",
+        "resume=auto",
+    )
+    assert train(again).step == 6
+    assert "restarts from the start of its shards" in capsys.readouterr().err  # said plainly
     with pytest.raises(Exception, match="length_per_epoch"):
         train(config(tmp_path / "run2", "dataset=imagenet22k", f"data_root={tmp_path / 'data'}"))
 

@@ -1,4 +1,7 @@
-"""Per-step records of a run: a tqdm bar, ``OUT/log.jsonl`` and optional TensorBoard (main process only)."""
+"""Per-step records of a training run: a tqdm bar, ``OUT/log.jsonl`` and optional TensorBoard (main process only).
+
+The stage chooses what the bar shows (``bar_fields``); every record goes to the log whole.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +25,24 @@ def check_tracker(log_with: str) -> None:
 
 
 class RunLog:
-    """``step(record)`` writes one JSON line (every ``every`` steps), moves the bar, logs to trackers."""
+    """``step(record)`` writes one JSON line (every ``every`` steps), moves the bar, logs to trackers.
 
-    def __init__(self, accelerator, out: Path, total: int, start: int, every: int = 1, bar: bool = True):
+    ``bar_fields`` maps a short name on the bar to a format of the record, e.g.
+    ``{"loss": "{loss:.4f}", "data": "{data_s:.3f}s"}``.
+    """
+
+    def __init__(
+        self,
+        accelerator,
+        out: Path,
+        total: int,
+        start: int,
+        every: int = 1,
+        bar: bool = True,
+        bar_fields: dict[str, str] | None = None,
+    ):
         self.accelerator = accelerator
+        self.bar_fields = bar_fields if bar_fields is not None else {"loss": "{loss:.4f}"}
         self.main = accelerator.is_main_process
         self.every = max(1, every)
         self.path = out / "log.jsonl"
@@ -39,14 +56,8 @@ class RunLog:
             return
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}",
-                lr=f"{record['lr']:.2e}",
-                m=f"{record['momentum']:.4f}",
-                img_s=f"{record['images_per_s']:.0f}",
-                data=f"{record['data_s']:.3f}s",
-                refresh=False,
-            )
+            shown = {name: template.format(**record) for name, template in self.bar_fields.items()}
+            self.bar.set_postfix(refresh=False, **shown)
         if record["step"] % self.every == 0:
             self.write(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

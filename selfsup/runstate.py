@@ -114,7 +114,10 @@ def resolve_resume(resume: str, out: str | Path, *, recover: bool = True) -> Pat
                     )
                 return candidate
         if found:
-            print(f"warning: no complete checkpoint under {checkpoint_root(out)}; starting from step 0", file=sys.stderr)
+            print(
+                f"warning: no complete checkpoint under {checkpoint_root(out)}; starting from step 0",
+                file=sys.stderr,
+            )
         return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
@@ -123,7 +126,9 @@ def resolve_resume(resume: str, out: str | Path, *, recover: bool = True) -> Pat
             f"use resume=auto, resume=never or a folder such as {checkpoint_root(out)}/{PREFIX}00001000"
         )
     if not is_complete(path):
-        raise UsageError(f"resume={resume}: the checkpoint's files are missing or truncated; use resume=auto or an older checkpoint")
+        raise UsageError(
+            f"resume={resume}: the checkpoint's files are missing or truncated; use resume=auto or an older checkpoint"
+        )
     return path
 
 
@@ -213,14 +218,28 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-# Settings that may differ between a checkpoint and the run that resumes it: where and how the run
-# is driven, not what it computes. Anything else changes the recipe mid-run and is refused.
-RESUMABLE_CHANGES = frozenset({
-    "out", "resume", "force_resume", "export_only", "data_root", "max_steps",
-    "save_every_steps", "save_every_epochs", "keep_checkpoints", "log_every", "log_with", "progress_bar",
-    "num_workers", "threads", "mixed_precision", "max_nan_steps",
-    "monitor_every", "monitor_at_start", "monitor_train_size", "monitor_val_size", "monitor_k",
-})
+# Settings of every training stage that may differ between a checkpoint and the run that resumes
+# it: where and how the run is driven, not what it computes. A stage adds its own (e.g. monitors)
+# and passes the union as ``resumable``; anything else changes the recipe mid-run and is refused.
+RUN_KEYS = frozenset(
+    {
+        "out",
+        "resume",
+        "force_resume",
+        "data_root",
+        "max_steps",
+        "save_every_steps",
+        "save_every_epochs",
+        "keep_checkpoints",
+        "log_every",
+        "log_with",
+        "progress_bar",
+        "num_workers",
+        "threads",
+        "mixed_precision",
+        "max_nan_steps",
+    }
+)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -233,28 +252,36 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every setting outside :data:`RESUMABLE_CHANGES` that differs."""
+def config_changes(stored: dict[str, Any], requested: dict[str, Any], resumable: frozenset[str]) -> list[str]:
+    """``key: old -> new`` for every setting whose top-level key is not in ``resumable`` that differs."""
     old, new = _flatten(stored), _flatten(requested)
     changed = []
     for key in sorted(set(old) | set(new)):
-        if key.split(".")[0] in RESUMABLE_CHANGES:
+        if key.split(".")[0] in resumable:
             continue
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             changed.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
     return changed
 
 
-def check_resume_config(checkpoint: Path, position: Position, requested: dict[str, Any], force: bool) -> None:
-    """Refuse to continue a run under another recipe (one line listing the differing keys)."""
+def check_resume_config(
+    checkpoint: Path, position: Position, requested: dict[str, Any], force: bool, resumable: frozenset[str]
+) -> None:
+    """Refuse to continue a run under another recipe (one line listing the differing keys).
+
+    ``resumable``: the stage's top-level keys that may change (:data:`RUN_KEYS` and its own).
+    """
     if not position.config:  # checkpoints from before configs were recorded
         return
-    changed = config_changes(position.config, requested)
+    changed = config_changes(position.config, requested, resumable)
     if not changed:
         return
     listed = "; ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
     if force:
-        print(f"warning: force_resume=true: continuing {checkpoint} with changed settings: {listed}", file=sys.stderr)
+        print(
+            f"warning: force_resume=true: continuing {checkpoint} with changed settings: {listed}",
+            file=sys.stderr,
+        )
         return
     raise UsageError(
         f"{checkpoint} was trained with other settings ({listed}); resuming would mix two recipes in one run. "

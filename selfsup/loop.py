@@ -1,0 +1,295 @@
+"""The training loop every stage shares: resume, save cadence, stop signals, the NaN policy, the run log.
+
+A stage gives a :class:`Step` (its forward pass, which sets its per-step schedules, and its update)
+and its batches; :class:`TrainingRun` does the rest, in the order of the official loops (MoCo v3
+``main_moco.py``, MAE ``engine_pretrain.py``: schedules from the fractional epoch, forward,
+backward, optimizer step), run identically by 1 or W processes:
+
+* ``resume`` continues from a checkpoint (:mod:`selfsup.runstate`) with the same losses an
+  uninterrupted run would log, and refuses a checkpoint of another recipe;
+* a checkpoint every ``save_every_steps`` steps and ``save_every_epochs`` epochs, and at the end;
+* SIGTERM/SIGINT save a checkpoint at the next step boundary (the processes agree in the same
+  all-reduce as the loss) and :meth:`TrainingRun.steps` returns ``"interrupted"``;
+* a NaN/inf loss skips the update; ``max_nan_steps`` in a row raise :class:`TrainingDiverged`,
+  keeping the last checkpoint from before (none is saved during a streak);
+* one record per step goes to the :class:`~selfsup.runlog.RunLog`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from selfsup import runstate
+from selfsup.accel import announce_precision, make_accelerator
+from selfsup.config import save_config, to_dict
+from selfsup.errors import UsageError
+from selfsup.files import describe_os_error, ensure_writable_dir, is_user_os_error
+from selfsup.runlog import RunLog
+
+
+class TrainingDiverged(Exception):
+    """``max_nan_steps`` non-finite losses in a row; the last checkpoint (if any) predates them."""
+
+
+@dataclass
+class RunSettings:
+    """The run-management keys every training stage's config has (same names, same meaning)."""
+
+    out: str
+    epochs: int
+    resume: str = "auto"  # "auto": latest checkpoint in `out` if any; "never"; or a checkpoint folder
+    force_resume: bool = False
+    max_steps: int | None = None  # stop early (the schedules still span `epochs`)
+    save_every_steps: int = 0  # 0: off
+    save_every_epochs: int = 1
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    log_with: str = "none"
+    progress_bar: bool = True
+    max_nan_steps: int = 5
+
+    @classmethod
+    def of(cls, config: Any) -> RunSettings:
+        """The run settings of a stage's config dataclass."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
+class Step(Protocol):
+    """A stage's training iteration, split where the NaN policy needs it."""
+
+    def forward(self, batch: Any, progress: float) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of ``batch`` at fractional epoch ``progress``, and the schedule values to log."""
+        ...
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward and optimizer step; called only when the loss is finite in every process."""
+        ...
+
+
+def start_process(
+    out: str, precision: str, *, log_with: str, seed: int, threads: int | None, global_batch: int
+) -> Accelerator:
+    """What every training process does before it builds anything, in this order.
+
+    ``out`` is proven writable first (a run must be able to save), the Accelerator is made and its
+    precision announced, the global batch must split evenly, then torch's threads and the seed are
+    set (the same initial weights in every process).
+    """
+    ensure_writable_dir(out, "out=")
+    accelerator = make_accelerator(precision, log_with=log_with, project_dir=out)
+    announce_precision(accelerator, precision)
+    world = accelerator.num_processes
+    if global_batch % world:
+        raise UsageError(f"batch_size={global_batch} must be divisible by the {world} processes")
+    if threads:
+        torch.set_num_threads(threads)
+    set_seed(seed)
+    return accelerator
+
+
+@contextlib.contextmanager
+def disk_errors_as_usage_errors(out: str | Path) -> Iterator[None]:
+    """A disk error the user can fix (no space, no permission, read-only) becomes one
+    :class:`UsageError` line naming the last good checkpoint, which the atomic saves keep intact."""
+    try:
+        yield
+    except Exception as err:  # OSError, or a writer's wrapper of one (safetensors, torch.save)
+        if not is_user_os_error(err):
+            raise
+        found = runstate.complete_checkpoints(out)
+        last = (
+            f"the last good checkpoint {found[-1]} is intact" if found else "no checkpoint had been saved yet"
+        )
+        raise UsageError(
+            f"cannot write the run's files ({describe_os_error(err)}); {last}: "
+            f"free space or fix permissions, then rerun with out={out} resume=auto"
+        ) from None
+
+
+def agree(accelerator: Accelerator, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+    """The mean loss over processes and whether any process was asked to stop (one all-reduce)."""
+    t = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device)])
+    if accelerator.num_processes > 1:
+        dist.all_reduce(t)
+        t[0] /= accelerator.num_processes
+    return float(t[0]), bool(t[1] > 0)
+
+
+class TrainingRun:
+    """One training run of a stage: ``start`` (resume or not), then ``with run: run.steps(...)``.
+
+    ``resumable``: the config keys that may change across a resume (:data:`runstate.RUN_KEYS` and
+    the stage's own). ``bar_fields``: what the progress bar shows (:class:`RunLog`). ``advice``:
+    what a diverged run should try, in the :class:`TrainingDiverged` message.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        settings: RunSettings,
+        steps_per_epoch: int,
+        *,
+        stage: str,
+        resumable: frozenset[str],
+        images_per_step: int,
+        bar_fields: dict[str, str] | None = None,
+        advice: str = "lower the learning rate or use mixed_precision=no",
+    ):
+        self.accelerator, self.settings, self.steps_per_epoch = accelerator, settings, steps_per_epoch
+        self.stage, self.resumable, self.images_per_step = stage, resumable, images_per_step
+        self.bar_fields, self.advice = bar_fields, advice
+        self.out = Path(settings.out)
+        self.total = steps_per_epoch * settings.epochs
+        self.end = min(self.total, settings.max_steps) if settings.max_steps is not None else self.total
+        self.position = runstate.Position()
+        self.last_loss: float | None = None
+        self.signal: int | None = None
+        self.log: RunLog | None = None
+        self._signals: runstate.StopSignals | None = None
+
+    def start(self, config: Any, data: dict[str, Any]) -> Path | None:
+        """Resume from the checkpoint ``resume`` names (model, optimizer and RNG states through
+        accelerate; refused under another recipe), then write ``config.yaml`` and drop log records
+        of the steps that will run again. Returns the checkpoint resumed from, if any."""
+        accelerator, out, s = self.accelerator, self.out, self.settings
+        requested = to_dict(config)
+        self.position = runstate.Position(data=data, config=requested)
+        checkpoint = runstate.resolve_resume(s.resume, out, recover=accelerator.is_main_process)
+        if checkpoint is not None:
+            stored = runstate.load_position(checkpoint)
+            runstate.check_resume_config(checkpoint, stored, requested, s.force_resume, self.resumable)
+            accelerator.load_state(str(checkpoint))
+            self.position = stored
+            self.position.config = requested
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            runstate.truncate_log(out / "log.jsonl", self.position.step)
+            save_config(config, out / "config.yaml")
+        if s.log_with != "none":
+            accelerator.init_trackers(self.stage)
+        return checkpoint
+
+    def save(self) -> None:
+        """Collective: a checkpoint of the current position (see :func:`runstate.save`)."""
+        runstate.save(self.accelerator, self.out, self.position, self.settings.keep_checkpoints)
+
+    def __enter__(self) -> TrainingRun:
+        s, main = self.settings, self.accelerator.is_main_process
+        self.log = RunLog(
+            self.accelerator,
+            self.out,
+            self.end,
+            self.position.step,
+            s.log_every,
+            s.progress_bar and main,
+            self.bar_fields,
+        )
+        self._signals = runstate.StopSignals().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.log is not None:
+                self.log.close()
+            if self.settings.log_with != "none":
+                self.accelerator.end_training()
+        finally:
+            if self._signals is not None:
+                self._signals.__exit__(*exc)
+
+    def _diverged(self) -> TrainingDiverged:
+        position = self.position
+        saved = runstate.complete_checkpoints(self.out)
+        where = (
+            f"the last checkpoint {saved[-1]} predates the divergence: {self.advice}, then resume=auto"
+            if saved
+            else f"no checkpoint was saved before it: {self.advice} and start again"
+        )
+        return TrainingDiverged(
+            f"loss was NaN/inf for {position.nan_streak} steps in a row (up to step {position.step - 1}); {where}"
+        )
+
+    def steps(
+        self,
+        step: Step,
+        batches: Callable[[int, int], Iterable[Any]],
+        at_epoch: Callable[[int], None] | None = None,
+    ) -> Literal["finished", "interrupted"]:
+        """Run from the current position to the end (or a stop signal); call inside ``with run:``.
+
+        ``batches(epoch, first_step)``: that epoch's batches from step ``first_step`` on.
+        ``at_epoch(e)``: called with 0 before the first step of a fresh run and with e after epoch e
+        (monitors; collective when the stage makes it so).
+        """
+        assert self.log is not None and self._signals is not None, "use `with run:` around run.steps()"
+        position, s, per_epoch, log = self.position, self.settings, self.steps_per_epoch, self.log
+        if position.step == 0 and at_epoch is not None:
+            at_epoch(0)
+        while position.step < self.end:
+            epoch, in_epoch = divmod(position.step, per_epoch)
+            tick = time.perf_counter()
+            for batch in batches(epoch, in_epoch):
+                data_s = time.perf_counter() - tick
+                progress = epoch + in_epoch / per_epoch
+                loss, scheduled = step.forward(batch, progress)
+                value, stop = agree(self.accelerator, loss, self._signals.requested is not None)
+                finite = math.isfinite(value)
+                if finite:
+                    step.update(loss)
+                    position.nan_streak = 0
+                    self.last_loss = value
+                else:
+                    position.nan_skipped += 1
+                    position.nan_streak += 1
+                elapsed = time.perf_counter() - tick
+                log.step(
+                    {
+                        "step": position.step,
+                        "epoch": round(progress, 6),
+                        "loss": value,
+                        **scheduled,
+                        "images_per_s": self.images_per_step / max(elapsed, 1e-9),
+                        "data_s": data_s,
+                        "compute_s": elapsed - data_s,
+                        "skipped": not finite,
+                    }
+                )
+                position.step += 1
+                in_epoch += 1
+                if position.nan_streak >= s.max_nan_steps:
+                    raise self._diverged()
+                if position.step >= self.end:
+                    break
+                if stop and position.nan_streak == 0:
+                    self.save()
+                if stop:
+                    self.signal = self._signals.requested or 15
+                    return "interrupted"
+                if (
+                    s.save_every_steps
+                    and position.step % s.save_every_steps == 0
+                    and position.nan_streak == 0
+                ):
+                    self.save()
+                tick = time.perf_counter()
+            if in_epoch == per_epoch:  # a whole epoch done
+                if at_epoch is not None:
+                    at_epoch(epoch + 1)
+                due = s.save_every_epochs and (epoch + 1) % s.save_every_epochs == 0
+                if position.step < self.end and due and position.nan_streak == 0:
+                    self.save()
+        last = runstate.checkpoint_root(self.out) / f"{runstate.PREFIX}{position.step:08d}"
+        if position.nan_streak == 0 and not last.is_dir():
+            self.save()
+        return "finished"

@@ -1,0 +1,47 @@
+"""Scores every stage reports the same way: top-k and per-class accuracy, and the finite check.
+
+Top-k follows the ImageNet convention (a hit when the true class is among the k highest scores;
+``accuracy`` in the official MoCo v3 ``main_lincls.py`` and MAE ``util/misc.py``), in percent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from selfsup.errors import UsageError
+
+
+def check_finite(values: np.ndarray | torch.Tensor, what: str = "features") -> None:
+    """Raise a :class:`UsageError` when ``values`` hold NaN or inf.
+
+    Non-finite features come from a backbone that diverged or a broken checkpoint; every protocol
+    would turn them into silent nonsense (NaN similarities, a logistic regression that fails).
+    """
+    finite = torch.isfinite(values).all() if isinstance(values, torch.Tensor) else np.isfinite(values).all()
+    if not finite:
+        raise UsageError(f"{what} contain NaN or inf: the backbone diverged or the checkpoint is broken")
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of class ``scores`` (n, len(classes)) against ``labels``."""
+    order = np.argsort(-scores, axis=1)[:, :5]
+    top = classes[order]
+    top1 = 100.0 * float(np.mean(top[:, 0] == labels))
+    top5 = 100.0 * float(np.mean((top == labels[:, None]).any(axis=1)))
+    return top1, top5
+
+
+def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (true class, predicted class)."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)), 1)
+    return matrix
+
+
+def per_class_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Percent correct per class; NaN for classes absent from ``labels``."""
+    matrix = confusion(labels, predictions, num_classes)
+    totals = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, 100.0 * np.diag(matrix) / np.maximum(totals, 1), np.nan)

@@ -1,0 +1,151 @@
+"""The shared core a training stage runs on, with a toy stage: a linear regression step.
+
+The loop's promises hold for any step, not only MoCo's: exact resume, the save cadence, the NaN/inf
+policy, a stage-chosen progress bar, and the resume refusal with the stage's own resumable keys.
+The MoCo-specific runs (signals, two processes, disks) are in test_ssl_runs.py / test_ssl_faults.py.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from selfsup import runstate
+from selfsup.accel import make_accelerator, threads_for
+from selfsup.errors import UsageError
+from selfsup.loop import RunSettings, TrainingDiverged, TrainingRun
+from selfsup.metrics import check_finite, per_class_accuracy, topk_accuracy
+from selfsup.runstate import RUN_KEYS
+from selfsup.schedules import scaled_lr, warmup_cosine
+
+STEPS_PER_EPOCH = 4
+
+
+@dataclass
+class ToyConfig:
+    out: str
+    epochs: int = 3
+    lr: float = 0.1
+    max_steps: int | None = None
+    save_every_steps: int = 0
+    save_every_epochs: int = 1
+    keep_checkpoints: int = 2
+    max_nan_steps: int = 3
+    progress_bar: bool = False
+    resume: str = "auto"
+    force_resume: bool = False
+    log_every: int = 1
+    log_with: str = "none"
+
+
+class ToyStep:
+    """SGD on y = 2x; ``nan_at`` steps return a NaN loss (as a diverging model would)."""
+
+    def __init__(self, accelerator, model, optimizer, lr: float, epochs: int, nan_at=()):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.lr, self.epochs, self.nan_at, self.calls = lr, epochs, set(nan_at), 0
+
+    def forward(self, batch, progress):
+        lr = warmup_cosine(progress, self.lr, 1, self.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = batch
+        loss = ((self.model(x) - y) ** 2).mean()
+        self.calls += 1
+        return (loss * float("nan") if self.calls - 1 in self.nan_at else loss), {"lr": lr}
+
+    def update(self, loss):
+        self.optimizer.zero_grad()
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+
+
+def batches(epoch: int, first: int):
+    for i in range(first, STEPS_PER_EPOCH):
+        g = torch.Generator().manual_seed(epoch * 100 + i)
+        x = torch.randn(8, 1, generator=g)
+        yield x, 2 * x
+
+
+def toy_run(config: ToyConfig, nan_at=()):
+    """(status, run, losses logged) of a fresh process-like start of ``config``."""
+    accelerator = make_accelerator("no")
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    run = TrainingRun(
+        accelerator,
+        RunSettings.of(config),
+        STEPS_PER_EPOCH,
+        stage="toy",
+        resumable=RUN_KEYS,
+        images_per_step=8,
+        bar_fields={"loss": "{loss:.3f}", "lr": "{lr:.1e}"},
+        advice="lower lr",
+    )
+    run.start(config, {"mean": [0.0]})
+    step = ToyStep(accelerator, model, optimizer, config.lr, config.epochs, nan_at)
+    boundaries = []
+    with run:
+        status = run.steps(step, batches, boundaries.append)
+    return status, run, boundaries
+
+
+def logged_losses(out):
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_toy_stage_resumes_exactly_and_saves_on_its_cadence(tmp_path):
+    whole, _, boundaries = toy_run(ToyConfig(str(tmp_path / "whole")))
+    assert whole == "finished" and boundaries == [0, 1, 2, 3]
+    assert [p.name for p in runstate.complete_checkpoints(tmp_path / "whole")] == [
+        "step_00000008",
+        "step_00000012",
+    ]
+
+    parts = tmp_path / "parts"
+    toy_run(ToyConfig(str(parts), max_steps=6, save_every_steps=3))
+    status, run, boundaries = toy_run(ToyConfig(str(parts)))  # resume=auto from step 6
+    assert status == "finished" and run.position.step == 12
+    assert boundaries == [2, 3]  # after epochs 2 and 3; no start hook on a resume
+    assert logged_losses(parts) == logged_losses(tmp_path / "whole")
+
+
+def test_nan_losses_skip_the_update_and_a_streak_raises_with_the_stages_advice(tmp_path):
+    _, run, _ = toy_run(ToyConfig(str(tmp_path / "a")), nan_at={2, 5})
+    assert run.position.nan_skipped == 2 and math.isfinite(run.last_loss)
+    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records[:6]] == [False, False, True, False, False, True]
+    assert records[2]["loss"] is None and set(records[0]) >= {"step", "epoch", "loss", "lr", "images_per_s"}
+
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"3 steps in a row \(up to step 7\); the last checkpoint .*step_00000004.* lower lr",
+    ):
+        toy_run(ToyConfig(str(tmp_path / "b")), nan_at={5, 6, 7})
+
+
+def test_resume_refuses_another_recipe_but_not_the_stages_resumable_keys(tmp_path):
+    toy_run(ToyConfig(str(tmp_path), max_steps=4))
+    with pytest.raises(UsageError, match=r"lr: 0.1 -> 0.2.*force_resume=true"):
+        toy_run(ToyConfig(str(tmp_path), max_steps=8, lr=0.2))
+    assert toy_run(ToyConfig(str(tmp_path), max_steps=8, keep_checkpoints=1))[0] == "finished"
+
+
+def test_schedules_metrics_and_the_thread_rule():
+    assert warmup_cosine(0.5, 1.0, 1, 3) == 0.5 and warmup_cosine(2.0, 1.0, 1, 3) == pytest.approx(0.5)
+    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
+    scores = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    assert topk_accuracy(scores, np.array([1, 2]), np.arange(3)) == (50.0, 100.0)
+    acc = per_class_accuracy(np.array([0, 0, 1]), np.array([0, 1, 1]), 3)
+    assert acc[0] == 50.0 and acc[1] == 100.0 and np.isnan(acc[2])
+    check_finite(np.zeros(3))
+    for bad in (np.array([1.0, np.nan]), torch.tensor([float("inf")])):
+        with pytest.raises(UsageError, match="train features contain NaN or inf"):
+            check_finite(bad, "train features")
+    assert threads_for(1000) == 1 and threads_for(10**9) is None
