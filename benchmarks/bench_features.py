@@ -42,25 +42,10 @@ def main() -> None:
     )
     rates, outputs = {}, {}
     for precision in ("fp32", "bf16"):
-        extract_features(
-            model,
-            warm,
-            args.feature,
-            batch_size=args.batch_size,
-            num_workers=0,
-            precision=precision,
-            progress=False,
-        )
+        options = dict(batch_size=args.batch_size, num_workers=0, precision=precision, progress=False)
+        extract_features(model, warm, args.feature, **options)  # warm-up
         start = time.perf_counter()
-        feats, _ = extract_features(
-            model,
-            data,
-            args.feature,
-            batch_size=args.batch_size,
-            num_workers=0,
-            precision=precision,
-            progress=False,
-        )
+        feats, _ = extract_features(model, data, args.feature, **options)
         seconds = time.perf_counter() - start
         rates[precision], outputs[precision] = args.images / seconds, feats
         print(f"  {precision}: {rates[precision]:7.1f} images/s ({seconds:.1f} s)")

@@ -16,6 +16,29 @@ SHARED_SHA256 = "722f0d9a64512df0c87ecc79d1daba7eb097184265ebb9b051600c27ebcd56b
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# A pretraining run small enough for a test: 4 steps per epoch on 64 synthetic images, seconds on a CPU.
+TINY_PRETRAIN = [
+    "dataset=synthetic",
+    "synthetic_size=64",
+    "batch_size=16",
+    "epochs=3",
+    "seed=3",
+    "model.arch=moco_vit_tiny",
+    "model.img_size=32",
+    "model.patch_size=8",
+    "model.extra.depth=1",
+    "model.extra.embed_dim=32",
+    "model.extra.num_heads=2",
+    "moco.dim=16",
+    "moco.mlp_dim=32",
+    "optim.base_lr=0.02",
+    "optim.warmup_epochs=1",
+    "num_workers=0",
+    "threads=1",
+    "progress_bar=false",
+    "augment.blur_sigmas=[0.1, 0.5]",
+]
+
 
 @pytest.fixture(scope="session")
 def cifar10_subset(tmp_path_factory) -> Path:

@@ -12,7 +12,7 @@ import time
 import pytest
 import timm
 import torch
-from conftest import REPO
+from conftest import REPO, TINY_PRETRAIN
 
 from selfsup.checkpoint import load_backbone, load_checkpoint
 from selfsup.config import load_config
@@ -22,28 +22,7 @@ from selfsup.ssl.builder import MoCoV3
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.ssl.train import TrainingDiverged, train
 
-TINY = [
-    "dataset=synthetic",
-    "synthetic_size=64",
-    "batch_size=16",
-    "epochs=3",
-    "seed=3",
-    "model.arch=moco_vit_tiny",
-    "model.img_size=32",
-    "model.patch_size=8",
-    "model.extra.depth=1",
-    "model.extra.embed_dim=32",
-    "model.extra.num_heads=2",
-    "moco.dim=16",
-    "moco.mlp_dim=32",
-    "optim.base_lr=0.02",
-    "optim.warmup_epochs=1",
-    "num_workers=0",
-    "threads=1",
-    "progress_bar=false",
-    "resume=never",
-    "augment.blur_sigmas=[0.1, 0.5]",
-]
+TINY = [*TINY_PRETRAIN, "resume=never"]
 
 
 def free_port() -> int:
