@@ -2,6 +2,7 @@
 and imports that flow from the stages to the core, never between stages."""
 
 import ast
+import re
 import subprocess
 import sys
 
@@ -115,3 +116,12 @@ def test_no_stage_imports_another_stage_except_through_the_core():
         if side != "core" and _owner(m) not in ("core", side) and (side, m) not in ALLOWED_CROSSINGS
     ]
     assert crossings == []
+
+
+def test_ci_runs_the_same_lint_as_make_lint():
+    """.ci/run calls `make test`, which must run `make lint` (ruff check and ruff format --check)."""
+    makefile = (REPO / "Makefile").read_text()
+    targets = dict(re.findall(r"^(\w+):([^\n]*)$", makefile, flags=re.M))
+    lint_recipe = makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    assert "lint" in targets["test"].split() and "make test" in (REPO / ".ci" / "run").read_text()
+    assert "ruff check" in lint_recipe and "ruff format --check" in lint_recipe
