@@ -6,7 +6,7 @@
 
 One run reports:
 
-1. the machine (lscpu model name, AVX2 / AVX-512 / AVX512-BF16 flags) and its measured fp32
+1. the machine (CPU model, cores, vector instruction set, native bf16: `selfsup.precision.describe_cpu`) and its measured fp32
    matmul peak: the best of 5 torch products of two 4096 x 4096 matrices (2 x 4096^3 FLOP each),
    measured again at the end;
 2. at ``--n-train`` (50,000 x 384, 100 classes, 10,000 queries, k=20): selfsup's kNN (auto
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import time
 
 import numpy as np
 import torch
+
+from selfsup.precision import describe_cpu
 
 
 def features(n: int, dim: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,21 +79,7 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
 
 
 def machine() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "flags": set()}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        lscpu = ""
-    for line in lscpu.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "Model name":
-            info["cpu"] = value.strip()
-        elif key.strip() in ("CPU(s)", "CPU family", "Model"):
-            info[key.strip()] = value.strip()
-        elif key.strip() == "Flags":
-            info["flags"] = set(value.split())
-    flags = info.pop("flags")
-    info.update({name: name in flags for name in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")})
+    info = {"cpu": describe_cpu()}  # model, cores, vector ISA, native bf16 or not
     info["torch_threads"] = torch.get_num_threads()
     try:
         import faiss

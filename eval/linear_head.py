@@ -1,6 +1,6 @@
 """Linear probes by gradient descent on a linear head over a frozen backbone: published protocols.
 
-Two recipes, each as its official script runs it (see :class:`MoCoV3Protocol`, :class:`MAEProtocol`):
+Two recipes, each as its official script runs it (see :data:`MOCOV3`, :data:`MAE`):
 
 * ``mocov3``: Chen, Xie & He (2021), ``main_lincls.py``: a bare linear head, SGD, cosine per epoch;
 * ``mae``: He et al. (2022), ``main_linprobe.py``: BatchNorm1d(affine=False) + linear head, LARS,
@@ -39,7 +39,7 @@ AugmentedBatches = Callable[[int, int, bool], Iterable[tuple[torch.Tensor, torch
 
 @dataclass(frozen=True)
 class HeadProtocol:
-    """A linear-probe recipe; the published ones are :class:`MoCoV3Protocol` and :class:`MAEProtocol`."""
+    """A linear-probe recipe; the published ones are :data:`MOCOV3` and :data:`MAE`."""
 
     name: str
     source: str
@@ -48,72 +48,59 @@ class HeadProtocol:
     init: str  # "normal" | "trunc_normal" (std 0.01, bias 0)
     base_lr: float  # per 256 samples
     batch_size: int
-    epochs: int
     warmup_epochs: int
     schedule: str  # "cosine_per_epoch" | "warmup_cosine_per_iter"
-    momentum: float
-    weight_decay: float
     drop_last: bool  # the training loader drops the last partial batch
     interpolation: str  # of the RandomResizedCrop views (augment=True)
+    epochs: int = 90  # both papers
+    momentum: float = 0.9  # SGD's momentum (MoCo v3), LARS's (MAE)
+    weight_decay: float = 0.0  # both scripts' default for the head
 
 
-@dataclass(frozen=True)
-class MoCoV3Protocol(HeadProtocol):
-    """MoCo v3 linear classification (Chen, Xie & He 2021), facebookresearch/moco-v3 ``main_lincls.py``.
+# MoCo v3 linear classification (Chen, Xie & He 2021), facebookresearch/moco-v3 ``main_lincls.py``:
+# SGD (momentum 0.9, ``--wd`` default 0) on the head alone, initialised N(0, 0.01) with zero bias,
+# no BatchNorm; lr = ``--lr`` x batch / 256 with ``--lr=3`` for ViT (CONFIG.md, "ViT-Small/Base,
+# linear classification") at the default batch 1024 (lr 12); 90 epochs; cosine decay set once per
+# epoch, ``lr x 0.5 (1 + cos(pi epoch / epochs))`` (``adjust_learning_rate``); no warm-up; the
+# loader keeps the last partial batch; training views RandomResizedCrop(224) (scale 0.08-1,
+# bilinear) + horizontal flip.
+MOCOV3 = HeadProtocol(
+    name="mocov3",
+    source="MoCo v3 main_lincls.py",
+    optimizer="sgd",
+    batchnorm=False,
+    init="normal",
+    base_lr=3.0,
+    batch_size=1024,
+    warmup_epochs=0,
+    schedule="cosine_per_epoch",
+    drop_last=False,
+    interpolation="bilinear",
+)
 
-    SGD (momentum 0.9, ``--wd`` default 0) on the head alone, initialised N(0, 0.01) with zero bias,
-    no BatchNorm; lr = ``--lr`` x batch / 256 with ``--lr=3`` for ViT (CONFIG.md, "ViT-Small/Base,
-    linear classification") at the default batch 1024 (lr 12); 90 epochs; cosine decay set once per
-    epoch, ``lr x 0.5 (1 + cos(pi epoch / epochs))`` (``adjust_learning_rate``); no warm-up; the
-    loader keeps the last partial batch; training views RandomResizedCrop(224) (scale 0.08-1,
-    bilinear) + horizontal flip.
-    """
-
-    name: str = "mocov3"
-    source: str = "MoCo v3 main_lincls.py"
-    optimizer: str = "sgd"
-    batchnorm: bool = False
-    init: str = "normal"
-    base_lr: float = 3.0
-    batch_size: int = 1024
-    epochs: int = 90
-    warmup_epochs: int = 0
-    schedule: str = "cosine_per_epoch"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    drop_last: bool = False
-    interpolation: str = "bilinear"
-
-
-@dataclass(frozen=True)
-class MAEProtocol(HeadProtocol):
-    """MAE linear probing (He et al. 2022, App. A.2), facebookresearch/mae ``main_linprobe.py``.
-
-    BatchNorm1d(affine=False, eps=1e-6) before the head, head weight trunc_normal(std 0.01) and zero
-    bias; LARS (``util/lars.py``: momentum 0.9, trust coefficient 0.001, 1-D parameters excluded
-    from weight decay and from the trust ratio) with weight decay 0; lr = ``--blr`` 0.1 x batch /
-    256, batch 16384 in the paper (Table 9); 90 epochs; 10 warm-up epochs then a half cosine to 0,
-    set every iteration at the fractional epoch (``util/lr_sched.py``); ``drop_last=True``; training
-    views RandomResizedCrop(224, bicubic; scale 0.08-1) + horizontal flip.
-    """
-
-    name: str = "mae"
-    source: str = "MAE main_linprobe.py"
-    optimizer: str = "lars"
-    batchnorm: bool = True
-    init: str = "trunc_normal"
-    base_lr: float = 0.1
-    batch_size: int = 16384
-    epochs: int = 90
-    warmup_epochs: int = 10
-    schedule: str = "warmup_cosine_per_iter"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    drop_last: bool = True
-    interpolation: str = "bicubic"
+# MAE linear probing (He et al. 2022, App. A.2), facebookresearch/mae ``main_linprobe.py``:
+# BatchNorm1d(affine=False, eps=1e-6) before the head, head weight trunc_normal(std 0.01) and zero
+# bias; LARS (``util/lars.py``: momentum 0.9, trust coefficient 0.001, 1-D parameters excluded
+# from weight decay and from the trust ratio) with weight decay 0; lr = ``--blr`` 0.1 x batch /
+# 256, batch 16384 in the paper (Table 9); 90 epochs; 10 warm-up epochs then a half cosine to 0,
+# set every iteration at the fractional epoch (``util/lr_sched.py``); ``drop_last=True``; training
+# views RandomResizedCrop(224, bicubic; scale 0.08-1) + horizontal flip.
+MAE = HeadProtocol(
+    name="mae",
+    source="MAE main_linprobe.py",
+    optimizer="lars",
+    batchnorm=True,
+    init="trunc_normal",
+    base_lr=0.1,
+    batch_size=16384,
+    warmup_epochs=10,
+    schedule="warmup_cosine_per_iter",
+    drop_last=True,
+    interpolation="bicubic",
+)
 
 
-PROTOCOLS: dict[str, HeadProtocol] = {"mocov3": MoCoV3Protocol(), "mae": MAEProtocol()}
+PROTOCOLS: dict[str, HeadProtocol] = {"mocov3": MOCOV3, "mae": MAE}
 
 
 @dataclass

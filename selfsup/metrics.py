@@ -33,10 +33,10 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray) -
 
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts (true class, predicted class)."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)), 1)
-    return matrix
+    """Counts (true class, predicted class), every class a row and a column even when absent."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels, predictions, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def per_class_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

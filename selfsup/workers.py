@@ -5,6 +5,7 @@ the main process, and are stopped on every exit path.
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 from torch.utils.data import DataLoader
 
@@ -28,9 +29,12 @@ def stop_workers(loader: DataLoader) -> None:
     public call to stop them, so the iterator's own shutdown is invoked (it joins the workers with a
     timeout and then terminates them).
     """
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None:
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        loader._iterator = None
+    shutdown_iterator(getattr(loader, "_iterator", None))
+    loader._iterator = None
+
+
+def shutdown_iterator(iterator: Any) -> None:
+    """Stop the workers of a DataLoader iterator (``None`` or a worker-less iterator: nothing to do)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()

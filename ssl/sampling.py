@@ -16,6 +16,7 @@ from torch.utils.data import Sampler
 
 from selfsup.errors import UsageError
 from selfsup.ssl.augment import sample_seed
+from selfsup.workers import shutdown_iterator
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -81,8 +82,6 @@ class EndlessBatches:
                     ) from None
 
     def close(self) -> None:
-        """Stop the stream's worker processes (see :meth:`Pipeline.close`)."""
-        shutdown = getattr(self.iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        """Stop the stream's worker processes (:func:`selfsup.workers.shutdown_iterator`)."""
+        shutdown_iterator(self.iterator)
         self.iterator = None
