@@ -15,6 +15,7 @@ import contextlib
 import json
 import shutil
 import signal
+import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,8 +55,11 @@ def is_complete(folder: Path) -> bool:
         return False
     files = record.get("files") or {MODEL_FILE: None}  # checkpoints from before the file list
     for name, size in files.items():
-        path = folder / name
-        if not path.is_file() or (size is not None and path.stat().st_size != size):
+        try:  # one stat: a folder renamed away between two calls must read as incomplete, not raise
+            found = (folder / name).stat()
+        except OSError:
+            return False
+        if not stat.S_ISREG(found.st_mode) or (size is not None and found.st_size != size):
             return False
     return True
 

@@ -171,6 +171,16 @@ def _complete_count(out) -> int:
     return 0
 
 
+def _newest_step(out) -> int | None:
+    """Step of the newest checkpoint, or None; the run may rename it away between the scan and the read."""
+    for checkpoint in reversed(runstate.complete_checkpoints(out)):
+        try:
+            return runstate.load_position(checkpoint).step
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def test_ten_sigkills_at_random_moments_resume_to_the_uninterrupted_weights(tmp_path):
     args = ["epochs=12", "max_steps=30", "save_every_steps=1", "keep_checkpoints=1"]
     straight = train(config(tmp_path / "straight", *args, "resume=never"))
@@ -185,18 +195,15 @@ def test_ten_sigkills_at_random_moments_resume_to_the_uninterrupted_weights(tmp_
             stderr=subprocess.PIPE,
             text=True,
         )
-        start_steps = (
-            len(runstate.complete_checkpoints(out))
-            and runstate.load_position(runstate.complete_checkpoints(out)[-1]).step
-        )
+        start_steps = _newest_step(out) or 0
         wait_steps, deadline = rng.randint(0, 2), time.time() + 60
         while proc.poll() is None and time.time() < deadline:  # random phase: after 0-2 new steps
             if seen_a_checkpoint:
                 assert _complete_count(out) >= 1
-            done = runstate.complete_checkpoints(out)
-            if done:
+            step = _newest_step(out)
+            if step is not None:
                 seen_a_checkpoint = True
-                if runstate.load_position(done[-1]).step >= start_steps + wait_steps:
+                if step >= start_steps + wait_steps:
                     break
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 0.05))
