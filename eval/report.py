@@ -1,57 +1,28 @@
 """The probe's outputs: ``metrics.json``, ``report.md``, ``report.html`` and PNG figures.
 
-Both documents are rendered from one list of blocks (headings, paragraphs, tables, images), so the
-Markdown and the HTML always say the same thing. Figures are referenced by relative path.
+The documents are rendered by the core's report pieces (:mod:`selfsup.report`, :mod:`selfsup.plots`).
 """
 
 from __future__ import annotations
 
-import html
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from selfsup.checkpoint import library_versions
+from selfsup import plots
 from selfsup.config import save_config
-from selfsup.eval import plots
 from selfsup.files import atomic_write_bytes
 from selfsup.metrics import confusion, per_class_accuracy
-
-
-@dataclass
-class Block:
-    kind: str  # "h2" | "p" | "table" | "img"
-    text: str = ""
-    headers: list[str] | None = None
-    rows: list[list[str]] | None = None
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.2f}"
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower() or "model"
-
-
-def _versions() -> dict[str, str]:
-    versions = library_versions()
-    for module in ("numpy", "sklearn", "faiss", "accelerate", "matplotlib"):
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # optional libraries (faiss) may be absent
-            continue
-    return versions
+from selfsup.report import Block, pct, slug, versions, write_documents
 
 
 def _knn_cell(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "–"
-    return _pct(entry["top1"]) + (
+    return pct(entry["top1"]) + (
         f" (k={entry['k_used']})" if str(entry["k_used"]) != str(entry.get("k", entry["k_used"])) else ""
     )
 
@@ -117,9 +88,9 @@ def _summary(metrics: dict[str, Any], ks: list[int]) -> Block:
                 m["kind"],
                 str(m["feature_dim"]),
                 *[_knn_cell(knn.get(str(k))) for k in ks],
-                _pct(best5),
-                _pct(lin.get("top1")),
-                _pct(lin.get("top5")),
+                pct(best5),
+                pct(lin.get("top1")),
+                pct(lin.get("top5")),
             ]
         )
     return Block("table", headers=headers, rows=rows)
@@ -177,14 +148,14 @@ def _blocks(out: Path, config, metrics: dict[str, Any], runs, info) -> list[Bloc
         }
         headers.append(f"{run.source.name}: {method}")
         for c, a in zip(names, acc):
-            per_class_rows[c].append(_pct(float(a)))
-        slug = _slug(run.source.name)
+            per_class_rows[c].append(pct(float(a)))
+        name = slug(run.source.name)
         if n_classes <= plots.MAX_CONFUSION_CLASSES:
             path = plots.plot_confusion(
                 confusion(run.test_labels, preds, n_classes),
                 names,
                 f"{run.source.name}: {method}",
-                fig / f"confusion_{slug}.png",
+                fig / f"confusion_{name}.png",
             )
             figures += [
                 Block("p", f"Confusion matrix, {run.source.name} ({method}):"),
@@ -195,7 +166,7 @@ def _blocks(out: Path, config, metrics: dict[str, Any], runs, info) -> list[Bloc
             run.test_labels,
             names,
             run.source.name,
-            fig / f"embedding_{slug}.png",
+            fig / f"embedding_{name}.png",
             seed=config.seed,
         )
         run.metrics["embedding"] = how
@@ -241,69 +212,17 @@ def _blocks(out: Path, config, metrics: dict[str, Any], runs, info) -> list[Bloc
     return blocks
 
 
-def _markdown(title: str, blocks: list[Block]) -> str:
-    lines = [f"# {title}", ""]
-    for b in blocks:
-        if b.kind == "h2":
-            lines += [f"## {b.text}", ""]
-        elif b.kind == "p":
-            lines += [b.text, ""]
-        elif b.kind == "img":
-            lines += [f"![{Path(b.text).stem}]({b.text})", ""]
-        else:
-            lines += ["| " + " | ".join(b.headers) + " |", "|" + "---|" * len(b.headers)]
-            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in b.rows]
-            lines.append("")
-    return "\n".join(lines)
-
-
-def _inline(text: str) -> str:
-    parts = html.escape(text).split("**")
-    text = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-    parts = text.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _html(title: str, blocks: list[Block]) -> str:
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    for b in blocks:
-        if b.kind == "h2":
-            body.append(f"<h2>{html.escape(b.text)}</h2>")
-        elif b.kind == "p":
-            body.append(f"<p>{_inline(b.text)}</p>")
-        elif b.kind == "img":
-            body.append(f'<img src="{html.escape(b.text)}" alt="{html.escape(Path(b.text).stem)}">')
-        else:
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
-            rows = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b.rows
-            )
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-    style = (
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;"
-        "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%;display:block;margin:.5em 0}"
-    )
-    return (
-        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
-
-
 def write_report(out: Path, config, metrics: dict[str, Any], runs, info) -> dict[str, Path]:
     """Write figures, report.md, report.html, metrics.json and the resolved config.yaml into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     metrics["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    metrics["versions"] = _versions()
+    metrics["versions"] = versions()
     title = f"Probe report: {metrics['dataset']}"
     blocks = _blocks(out, config, metrics, runs, info)
     paths = {
         "config": save_config(config, out / "config.yaml"),
         "metrics": out / "metrics.json",
-        "md": out / "report.md",
-        "html": out / "report.html",
     }
     atomic_write_bytes(paths["metrics"], json.dumps(metrics, indent=2, default=str).encode())
-    atomic_write_bytes(paths["md"], _markdown(title, blocks).encode())
-    atomic_write_bytes(paths["html"], _html(title, blocks).encode())
+    paths.update(write_documents(out, "report", title, blocks))
     return paths

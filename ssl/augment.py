@@ -7,24 +7,19 @@ The recipe (official ``main_moco.py``, "follow BYOL's augmentation recipe"): Ran
 colour ops instead of after, which changes nothing in distribution (every later op commutes with
 a flip).
 
-Why per-sample seeds: every random number of an augmentation comes from Python's, NumPy's and
-torch's global generators, re-seeded from (seed, epoch, index) before each image. The views then
-do not depend on which worker or which process loads the image, nor on how many batches ran
-before: a resumed run sees exactly the views of an uninterrupted one, and a W-process run the
-views of a 1-process run on the same global batch. This replaces per-worker RNG bookkeeping.
+Both views of an image are a pure function of (seed, epoch, index): see :mod:`selfsup.sampling`.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
 from torch.utils.data import Dataset, get_worker_info
 
+from selfsup.sampling import sample_seed, seed_all, seeded
 from selfsup.ssl.settings import AugmentSettings
 
 
@@ -56,21 +51,10 @@ def byol_views(
     return view1, view2
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 32-bit seed for one image in one epoch (independent streams through SeedSequence)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-def _seed_all(value: int) -> None:
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-
-
 class TwoViews(Dataset):
     """Wraps a labelled dataset of PIL images; ``dataset[(index, seed)]`` -> (view1, view2).
 
-    Indices come from :class:`~selfsup.ssl.sampling.GlobalBatchSampler` as (index, seed) pairs.
+    Indices come from :class:`~selfsup.sampling.GlobalBatchSampler` as (index, seed) pairs.
     Labels are dropped: pretraining never sees them.
     """
 
@@ -85,17 +69,8 @@ class TwoViews(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = item
         image = self.dataset[index][0]
-        if get_worker_info() is not None:  # a worker's global generators are ours to re-seed
-            _seed_all(seed)
+        with seeded(seed):
             return self.view1(image), self.view2(image)
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        try:  # in the main process, leave the generators as they were
-            _seed_all(seed)
-            return self.view1(image), self.view2(image)
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
 
 
 class StreamViews(torch.utils.data.IterableDataset):
@@ -116,7 +91,7 @@ class StreamViews(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         worker = get_worker_info()
-        _seed_all(sample_seed(self.seed, self.passes, self.rank * 1024 + (worker.id if worker else 0)))
+        seed_all(sample_seed(self.seed, self.passes, self.rank * 1024 + (worker.id if worker else 0)))
         self.passes += 1
         for image, _label in self.stream:
             yield self.view1(image), self.view2(image)

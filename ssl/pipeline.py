@@ -1,6 +1,6 @@
 """The input pipeline: the dataset, two augmented views per image, this process's batch per step.
 
-Map-style datasets go through :class:`~selfsup.ssl.sampling.GlobalBatchSampler` (exact resume,
+Map-style datasets go through :class:`~selfsup.sampling.GlobalBatchSampler` (exact resume,
 W processes = 1 process); streams of WebDataset shards are read in order per process, with
 ``length_per_epoch`` images counted as one epoch. DataLoader workers are persistent, memory is
 pinned on GPUs, incomplete batches are dropped.
@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 
 from selfsup.data import DataOptions, DatasetInfo, build_dataset, is_map_style
 from selfsup.errors import UsageError
+from selfsup.sampling import EndlessBatches, GlobalBatchSampler
 from selfsup.ssl.augment import StreamViews, TwoViews, byol_views
-from selfsup.ssl.sampling import EndlessBatches, GlobalBatchSampler
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.workers import leave_signals_to_the_main_process, stop_workers
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from selfsup.data import build_dataset
-from selfsup.ssl.augment import TwoViews, byol_views, sample_seed
-from selfsup.ssl.sampling import GlobalBatchSampler
+from selfsup.sampling import GlobalBatchSampler, sample_seed
+from selfsup.ssl.augment import TwoViews, byol_views
 from selfsup.ssl.settings import AugmentSettings
 
 

@@ -5,18 +5,57 @@ of ``W`` takes the ``r``-th contiguous slice of B/W of them. Gathering keys in r
 therefore rebuilds exactly the 1-process batch, and resuming at step ``s`` is starting the
 sampler there (no batches are loaded to be skipped, unlike ``accelerate.skip_first_batches``
 over a random sampler). The last incomplete batch is dropped (``drop_last``).
+
+Every random number of an augmentation comes from Python's, NumPy's and torch's global generators,
+re-seeded from (seed, epoch, index) before each image (:func:`seeded`): the augmented image does not
+depend on which worker or process loads it, nor on how many batches ran before, so a resumed run
+sees exactly the images of an uninterrupted one and a W-process run those of a 1-process run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Sampler, get_worker_info
 
 from selfsup.errors import UsageError
-from selfsup.ssl.augment import sample_seed
 from selfsup.workers import shutdown_iterator
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one image in one epoch (independent streams through SeedSequence)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def seed_all(value: int) -> None:
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+@contextlib.contextmanager
+def seeded(value: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's generators seeded with ``value`` inside the block.
+
+    In a DataLoader worker the generators are ours to re-seed; in the main process they are
+    restored afterwards, so loading an image leaves the training loop's random streams untouched.
+    """
+    if get_worker_info() is not None:
+        seed_all(value)
+        yield
+        return
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        seed_all(value)
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
