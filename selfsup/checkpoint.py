@@ -31,7 +31,8 @@ from selfsup.errors import UsageError
 from selfsup.files import atomic_write_bytes
 from selfsup.models import BackboneSpec, create_backbone, is_vit, timm_pretrained_cfg, timm_rebuild_args
 
-FORMAT_VERSION = 2  # 2: the `timm` section (stock-timm rebuild recipe)
+FORMAT_VERSION = 3  # 2: the `timm` section (stock-timm rebuild recipe); 3: parent_sha256
+HEAD_PREFIXES = ("head.", "head_dist.")  # classifier heads (a distilled DeiT has two)
 
 
 def library_versions() -> dict[str, str]:
@@ -65,6 +66,8 @@ class CheckpointMeta:
     format_version: int = FORMAT_VERSION
     # How stock timm rebuilds the model: {"model_name", "kwargs", "pretrained_cfg"}; see timm_call().
     timm: dict[str, Any] = field(default_factory=dict)
+    # SHA-256 of the checkpoint this one was trained from ("" for a start from random weights)
+    parent_sha256: str = ""
 
     @property
     def spec(self) -> BackboneSpec:
@@ -245,12 +248,14 @@ def load_backbone(
     img_size: int | None = None,
     patch_size: int | None = None,
     num_classes: int = 0,
+    drop_path_rate: float | None = None,
 ) -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the backbone recorded in a checkpoint and load its weights.
 
     Pass ``img_size``/``patch_size`` to get the model at another resolution: the position and
     patch embeddings are resampled. ``num_classes > 0`` adds a fresh classifier head; a head stored
-    in the checkpoint is kept when its size matches.
+    in the checkpoint is kept when its size matches. ``drop_path_rate`` sets stochastic depth for
+    training (not recorded in the returned sidecar).
     """
     state, meta = load_checkpoint(path)
     spec = meta.spec
@@ -258,6 +263,9 @@ def load_backbone(
         spec.img_size = img_size
     if patch_size is not None:
         spec.patch_size = patch_size
+    recorded_drop_path = spec.drop_path_rate
+    if drop_path_rate is not None:
+        spec.drop_path_rate = drop_path_rate
     model = create_backbone(spec, num_classes=num_classes)
     if spec.pos_embed == "sincos" and "pos_embed" in state:
         state["pos_embed"] = (
@@ -265,11 +273,12 @@ def load_backbone(
         )  # a fixed table: rebuilt for this grid, never interpolated
     state = adapt_state_dict(state, model)
     own = model.state_dict()
-    head_keys = [k for k in state if k.startswith("head.")]
+    head_keys = [k for k in state if k.startswith(HEAD_PREFIXES)]
     if num_classes == 0 or any(state[k].shape != own.get(k, state[k]).shape for k in head_keys):
         for k in head_keys:  # a backbone is asked for, or the classifier's size changed
             state.pop(k)
-    load_state_checked(model, state, str(weights_path(path)), allow_missing=("head.",))
+    load_state_checked(model, state, str(weights_path(path)), allow_missing=HEAD_PREFIXES)
+    spec.drop_path_rate = recorded_drop_path
     meta.img_size = spec.img_size
     meta.backbone = spec.to_dict()
     return model, meta

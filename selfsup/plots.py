@@ -32,6 +32,19 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, p
     return _save(fig, path)
 
 
+def plot_curves(curves: dict[str, dict[float, float]], xlabel: str, ylabel: str, path: Path) -> Path:
+    """One line per named curve of (x, y) points, e.g. validation accuracy against epoch."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_accuracy_vs_k(curves: dict[str, dict[int, float]], path: Path) -> Path:
     """kNN top-1 against k, one line per model."""
     fig, ax = plt.subplots(figsize=(6, 4))

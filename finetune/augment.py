@@ -1,0 +1,74 @@
+"""Fine-tuning's training images: DeiT's augmentation through timm, or the low-resolution variant.
+
+At 224 px (the paper's setting) timm's ``create_transform`` builds DeiT's pipeline: random resized
+crop, flip, RandAugment, normalization, random erasing. At 64 px or less, a random resized crop of
+scale 0.08 leaves a few pixels of the object, so the low-resolution mode pads and randomly crops
+(the CIFAR convention) before the same RandAugment, normalization and erasing. Mixup/cutmix act on
+batches (:mod:`selfsup.finetune.train`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from timm.data import create_transform
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from selfsup.finetune.model import is_low_res
+from selfsup.finetune.settings import AugmentSettings
+from selfsup.sampling import seeded
+
+
+def train_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], a: AugmentSettings
+) -> Callable:
+    """PIL image -> normalised, augmented tensor."""
+    if not is_low_res(img_size):
+        return create_transform(
+            img_size,
+            is_training=True,
+            scale=(a.min_scale, 1.0),
+            hflip=a.hflip,
+            color_jitter=None,
+            auto_augment=a.rand_augment,
+            interpolation="bicubic",
+            re_prob=a.random_erasing,
+            re_mode="pixel",
+            mean=tuple(mean),
+            std=tuple(std),
+        )
+    padding = a.crop_padding if a.crop_padding is not None else img_size // 8
+    ops: list[Any] = [
+        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),  # no-op at the native size
+        T.RandomCrop(img_size, padding=padding, padding_mode="reflect"),
+        T.RandomHorizontalFlip(a.hflip),
+    ]
+    if a.rand_augment:
+        hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(round(255 * m) for m in mean)}
+        ops.append(rand_augment_transform(a.rand_augment, hparams))
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    if a.random_erasing > 0:
+        ops.append(RandomErasing(a.random_erasing, mode="pixel", device="cpu"))
+    return T.Compose(ops)
+
+
+class SeededImages(Dataset):
+    """``dataset[(index, seed)]`` -> (augmented image, label), the augmentation a pure function of
+    the seed (:mod:`selfsup.sampling`): exact resume and W processes = 1 process."""
+
+    def __init__(self, dataset: Any, transform: Callable):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = item
+        image, label = self.dataset[index]
+        with seeded(seed):
+            return self.transform(image), label

@@ -1,0 +1,82 @@
+"""``finetune --dataset NAME --checkpoint BACKBONE.safetensors [--config FILE] [key=value ...]``.
+
+Exit codes: 0 finished, 2 bad input (one line), 3 the loss diverged, 128+signal when stopped by
+SIGTERM/SIGINT after saving a checkpoint (rerun the same command: ``resume=auto`` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from selfsup.config import load_config
+from selfsup.errors import exits_cleanly
+from selfsup.finetune.settings import FinetuneConfig
+
+EXIT_DIVERGED = 3
+FLAGS = {
+    "dataset": "dataset",
+    "data_root": "data_root",
+    "checkpoint": "checkpoint",
+    "model": "model",
+    "teacher": "distill.teacher",
+    "out": "out",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Fine-tune a pretrained backbone (or a timm model from scratch) as a classifier; "
+        "exports OUT/best.safetensors and OUT/last.safetensors and writes OUT/report.html. "
+        "Any config key can be set as key=value (nested with dots, e.g. optim.layer_decay=0.75).",
+    )
+    parser.add_argument("--config", help="YAML recipe, e.g. configs/finetune/vit_small_cifar100.yaml")
+    parser.add_argument(
+        "--dataset", help="cifar10, cifar100, flowers102, pets, ..., digits, imagefolder:<path>"
+    )
+    parser.add_argument("--data-root", help="folder holding the dataset (same as data_root=...)")
+    parser.add_argument(
+        "--checkpoint", help="a backbone exported by pretrain, or a classifier to fine-tune again"
+    )
+    parser.add_argument("--model", help="a timm model name trained from random init instead of a checkpoint")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="the --checkpoint's architecture from random init (baseline)",
+    )
+    parser.add_argument("--teacher", help="a classifier checkpoint to distil from (distill.teacher=...)")
+    parser.add_argument("--out", help="run folder (same as out=...)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    overrides = [
+        f"{key}={getattr(args, attr)}" for attr, key in FLAGS.items() if getattr(args, attr) is not None
+    ]
+    if args.random_init:
+        overrides.append("random_init=true")
+    return args.config, overrides + list(args.overrides)
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> None:
+    config_path, overrides = parse_args(argv)
+    config = load_config(FinetuneConfig, config_path, overrides)
+    config.check_start()
+    from selfsup.finetune.train import TrainingDiverged, train  # heavy imports after argument checks
+
+    try:
+        result = train(config)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_DIVERGED) from None
+    if result.status == "interrupted":
+        print(
+            f"stopped at step {result.step}/{result.total_steps} (signal {result.signal}); checkpoint saved, "
+            f"continue with the same command (resume=auto, out={result.out})",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + (result.signal or 15))
+    print(f"best top-1 {result.best_top1:.2f}%, last {result.last_top1:.2f}%")
+    print(f"classifier: {result.best} (last: {result.last}); report: {result.out / 'report.html'}")
+    if result.timm_call:
+        print(f"in stock timm (no selfsup needed): import timm; model = {result.timm_call}")

@@ -1,0 +1,104 @@
+"""Fine-tuning's data: the labelled train split through :class:`~selfsup.sampling.GlobalBatchSampler`
+(exact resume, W processes = 1 process) and the validation split sharded over the processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from selfsup.data import DataOptions, DatasetInfo, build_dataset, is_map_style
+from selfsup.errors import UsageError
+from selfsup.finetune.augment import SeededImages, train_transform
+from selfsup.finetune.settings import FinetuneConfig
+from selfsup.sampling import GlobalBatchSampler
+from selfsup.transforms import eval_transform
+from selfsup.workers import leave_signals_to_the_main_process, stop_workers
+
+
+def data_options(config: FinetuneConfig) -> DataOptions:
+    return DataOptions(
+        root=config.data_root,
+        on_corrupt="replace",  # batches keep their size (mixup needs an even one)
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        synthetic_size=config.synthetic_size,
+        synthetic_classes=config.synthetic_classes,
+    )
+
+
+def dataset_info(config: FinetuneConfig) -> DatasetInfo:
+    return build_dataset(config.dataset, "train", None, data_options(config))[1]
+
+
+@dataclass
+class Pipeline:
+    info: DatasetInfo
+    train: DataLoader
+    val: DataLoader
+    sampler: GlobalBatchSampler
+    train_size: int
+    val_size: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch()
+
+    def batches(self, epoch: int, first_step: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_position(epoch, first_step)
+        return self.train
+
+    def close(self) -> None:
+        stop_workers(self.train)
+        stop_workers(self.val)
+
+
+def check_batch(config: FinetuneConfig, world: int) -> None:
+    """Mixup/cutmix pair each image with the batch flipped: every micro-batch must be even."""
+    per_pass, rest = divmod(config.batch_size // world, config.optim.accum_steps)
+    if rest:
+        raise UsageError(
+            f"batch_size={config.batch_size} over {world} process(es) is {config.batch_size // world} images, "
+            f"not divisible by optim.accum_steps={config.optim.accum_steps}"
+        )
+    if config.mixes and per_pass % 2:
+        raise UsageError(
+            f"mixup/cutmix need an even number of images per pass, got {per_pass} (batch_size={config.batch_size} "
+            f"/ {world} process(es) / accum_steps={config.optim.accum_steps}): use an even batch_size, "
+            "or augment.mixup=0 augment.cutmix=0"
+        )
+
+
+def build_pipeline(
+    config: FinetuneConfig, img_size: int, mean, std, rank: int, world: int, device: torch.device
+) -> Pipeline:
+    check_batch(config, world)
+    options = data_options(config)
+    train, info = build_dataset(config.dataset, "train", None, options)
+    if not is_map_style(train):
+        raise UsageError(
+            f"{config.dataset} is a stream of shards; fine-tuning needs an indexed dataset "
+            "(an image folder or a registry dataset)"
+        )
+    val, _ = build_dataset(
+        config.dataset, "val", eval_transform(img_size, mean, std, info.image_size), options
+    )
+    workers = config.num_workers
+    common: dict[str, Any] = dict(
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        worker_init_fn=leave_signals_to_the_main_process,
+    )
+    sampler = GlobalBatchSampler(len(train), config.batch_size, rank, world, config.seed)
+    if sampler.steps_per_epoch() == 0:
+        raise UsageError(
+            f"batch_size={config.batch_size} is larger than the training set ({len(train)} images)"
+        )
+    images = SeededImages(train, train_transform(img_size, mean, std, config.augment))
+    train_loader = DataLoader(images, batch_sampler=sampler, **common)
+    val_loader = DataLoader(val, batch_size=max(1, config.batch_size // world), shuffle=False, **common)
+    return Pipeline(info, train_loader, val_loader, sampler, len(train), len(val))

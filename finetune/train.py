@@ -1,0 +1,357 @@
+"""Fine-tuning: ``train(config) -> FinetuneResult``, the classification step wired into the core loop.
+
+Per step, as MAE's ``engine_finetune.py`` and DeiT's ``train_one_epoch``: lr from the fractional
+epoch (warm-up + cosine to ``min_lr``, times each layer-decay group's ``lr_scale``), mixup/cutmix,
+forward, loss (soft-target or label-smoothed cross-entropy, plus the teacher's term when
+distilling), backward (in ``accum_steps`` passes), clipping, AdamW step, EMA update. Resume, the
+save cadence, SIGTERM/SIGINT saves, the NaN/inf policy and the run log are the core loop's
+(:mod:`selfsup.loop`). Validation after every ``eval_every`` epochs and at the end; the best and
+the last classifier are exported as project checkpoints that stock timm loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from selfsup.checkpoint import CheckpointMeta, save_checkpoint, timm_call
+from selfsup.config import to_dict
+from selfsup.distill import distillation_loss
+from selfsup.finetune.model import (
+    Start,
+    Teacher,
+    build_start,
+    is_low_res,
+    low_res_note,
+    uses_distillation_token,
+    warn_teacher_kind,
+)
+from selfsup.finetune.pipeline import Pipeline, build_pipeline, dataset_info
+from selfsup.finetune.settings import RESUMABLE_CHANGES, FinetuneConfig
+from selfsup.finetune.validation import Evaluation, append_metrics, evaluate, write_report
+from selfsup.imagefolder import report_corrupt
+from selfsup.loop import (
+    RunSettings,
+    TrainingDiverged,
+    TrainingRun,
+    disk_errors_as_usage_errors,
+    start_process,
+)
+from selfsup.runstate import truncate_log
+from selfsup.schedules import apply_lr, scaled_lr, warmup_cosine
+
+__all__ = ["FinetuneResult", "FinetuneStep", "TrainingDiverged", "train"]
+
+BAR_FIELDS = {"loss": "{loss:.4f}", "lr": "{lr:.2e}", "img_s": "{images_per_s:.0f}"}
+DIVERGENCE_ADVICE = "lower optim.base_lr, set optim.clip_grad (e.g. 1.0) or use mixed_precision=no"
+
+
+@dataclass
+class FinetuneResult:
+    status: str  # "finished" | "interrupted"
+    out: Path
+    step: int
+    total_steps: int
+    best: Path | None = None
+    last: Path | None = None
+    best_top1: float | None = None
+    last_top1: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    nan_skipped: int = 0
+    signal: int | None = None
+    timm_call: str = ""
+
+
+def param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on 1-D parameters and the model's ``no_weight_decay()`` names
+    (position embedding, tokens); with ``layer_decay``, one group per depth carrying ``lr_scale``."""
+    o = config.optim
+    skip = set(getattr(model, "no_weight_decay", set)())
+    if o.layer_decay is not None:
+        return param_groups_layer_decay(model, o.weight_decay, skip, layer_decay=o.layer_decay)
+    return param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=skip)
+
+
+def lr_at(config: FinetuneConfig, progress: float) -> tuple[float, bool]:
+    """(lr, head only) at fractional epoch ``progress``: LP-FT trains the head alone for
+    ``lp_epochs`` (cosine over them), then everything (warm-up + cosine over the rest)."""
+    o, peak = config.optim, scaled_lr(config.optim.base_lr, config.batch_size, reference=512)
+    lp = config.lp_epochs
+    if progress < lp:
+        return warmup_cosine(progress, peak, 0.0, lp, o.min_lr), True
+    return warmup_cosine(progress - lp, peak, o.warmup_epochs, config.epochs - lp, o.min_lr), False
+
+
+def is_head(name: str) -> bool:
+    return name.startswith(("head.", "head_dist.", "fc.", "classifier."))
+
+
+@dataclass
+class FinetuneStep:
+    """One optimizer step: the backward passes run in :meth:`forward` (one per micro-batch), so
+    :meth:`update` (called only when the loss is finite) is clipping, the AdamW step and EMA."""
+
+    config: FinetuneConfig
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    mixup: Mixup | None
+    criterion: nn.Module
+    teacher: Teacher | None = None
+    ema: ModelEmaV3 | None = None
+    head_only: bool = False
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        out = self.model(images)
+        logits, dist = out if isinstance(out, tuple) else (out, None)
+        task = self.criterion(logits, targets)
+        if self.teacher is None:
+            return task if dist is None else 0.5 * (task + self.criterion(dist, targets))
+        d = self.config.distill
+        with torch.no_grad():
+            teacher_logits = self.teacher(images).float()
+        return distillation_loss(
+            d.kind, task, logits, teacher_logits, alpha=d.alpha, temperature=d.temperature, dist_logits=dist
+        )
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor], progress: float):
+        lr, self.head_only = lr_at(self.config, progress)
+        apply_lr(self.optimizer, lr)
+        device = self.accelerator.device
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        self.optimizer.zero_grad(set_to_none=True)  # also drops the gradients of a skipped NaN step
+        passes = self.config.optim.accum_steps
+        losses = []
+        for i, (x, y) in enumerate(zip(images.chunk(passes), labels.chunk(passes))):
+            sync = i == passes - 1  # all-reduce the gradients once, after the last pass
+            with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+                loss = self.loss(x, y)
+                self.accelerator.backward(loss / passes)
+            losses.append(loss.detach().float())
+        return torch.stack(losses).mean(), {"lr": lr, "head_only": self.head_only}
+
+    def update(self, loss: torch.Tensor) -> None:
+        net = self.accelerator.unwrap_model(self.model)
+        if self.head_only:
+            for name, p in net.named_parameters():
+                if not is_head(name):
+                    p.grad = None  # AdamW leaves a parameter without gradient untouched (no decay either)
+        if self.config.optim.clip_grad is not None:
+            self.accelerator.clip_grad_norm_(net.parameters(), self.config.optim.clip_grad)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(net)
+
+
+def _criterion(config: FinetuneConfig) -> nn.Module:
+    if config.mixes:
+        return SoftTargetCrossEntropy()  # mixup builds the smoothed soft targets
+    if config.augment.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(config.augment.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def _mixup(config: FinetuneConfig, num_classes: int) -> Mixup | None:
+    a = config.augment
+    if not config.mixes:
+        return None
+    return Mixup(
+        mixup_alpha=a.mixup,
+        cutmix_alpha=a.cutmix,
+        prob=a.mixup_prob,
+        switch_prob=a.mixup_switch_prob,
+        label_smoothing=a.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def train(config: FinetuneConfig) -> FinetuneResult:
+    """Run (or continue) the fine-tuning ``config`` describes; see the module docstring."""
+    config.check_start()
+    with disk_errors_as_usage_errors(config.out):
+        info = dataset_info(config)  # class names before any model is built: a mismatch fails fast
+        start = build_start(config, info)
+        teacher = None
+        if config.distill.teacher is not None:
+            warn_teacher_kind(start.model, config.distill.kind)
+            teacher = Teacher(config.distill.teacher, info, start.mean, start.std, start.spec.img_size)
+        accelerator = start_process(
+            config.out,
+            config.mixed_precision,
+            log_with=config.log_with,
+            seed=config.seed,
+            threads=config.threads,
+            global_batch=config.batch_size,
+        )
+        config.mixed_precision = accelerator.mixed_precision
+        pipeline = build_pipeline(
+            config,
+            start.spec.img_size,
+            start.mean,
+            start.std,
+            accelerator.process_index,
+            accelerator.num_processes,
+            accelerator.device,
+        )
+        with contextlib.closing(pipeline):
+            return _run(config, accelerator, pipeline, start, teacher)
+
+
+def _facts(config: FinetuneConfig, start: Start, pipeline: Pipeline) -> list[str]:
+    spec = start.spec
+    facts = [
+        f"Start: {start.description}. Dataset {pipeline.info.name}: {pipeline.train_size} training and "
+        f"{pipeline.val_size} validation images, {pipeline.info.num_classes} classes.",
+        f"Model {spec.arch} at {spec.img_size} px"
+        + (f", patch {spec.patch_size}" if spec.patch_size else "")
+        + f"; {config.epochs} epochs, global batch {config.batch_size}, precision {config.mixed_precision}.",
+    ]
+    if is_low_res(spec.img_size):
+        facts.append(f"**{low_res_note(spec.img_size, spec.patch_size)}.**")
+    if config.distill.teacher:
+        facts.append(f"Distilled from {config.distill.teacher} ({config.distill.kind}).")
+    return facts
+
+
+def _run(
+    config: FinetuneConfig,
+    accelerator: Accelerator,
+    pipeline: Pipeline,
+    start: Start,
+    teacher: Teacher | None,
+) -> FinetuneResult:
+    out, main = Path(config.out), accelerator.is_main_process
+    model = start.model
+    if uses_distillation_token(model):
+        model.set_distilled_training(True)  # training returns both heads; evaluation their mean
+    if main and is_low_res(start.spec.img_size):
+        print(f"note: {low_res_note(start.spec.img_size, start.spec.patch_size)}", file=sys.stderr)
+    o = config.optim
+    optimizer = torch.optim.AdamW(param_groups(model, config), lr=0.0, betas=o.betas)
+    model, optimizer, val_loader = accelerator.prepare(model, optimizer, pipeline.val)
+    net = accelerator.unwrap_model(model)
+    ema = None
+    if config.ema_decay is not None:
+        ema = ModelEmaV3(net, decay=config.ema_decay, device=accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+
+    run = TrainingRun(
+        accelerator,
+        RunSettings.of(config),
+        pipeline.steps_per_epoch,
+        stage="finetune",
+        resumable=RESUMABLE_CHANGES,
+        images_per_step=config.batch_size,
+        bar_fields=BAR_FIELDS,
+        advice=DIVERGENCE_ADVICE,
+    )
+    info = pipeline.info
+    run.start(config, {"dataset": info.name, "classes": list(info.classes), "best_top1": None})
+    metrics_path = out / "metrics.jsonl"
+    if main:
+        truncate_log(metrics_path, run.position.step)
+    result = FinetuneResult("finished", out, run.position.step, run.end)
+    evaluations: dict[str, Evaluation] = {}  # "best" (of this process's life) and "last"
+
+    def export(name: str, weights: nn.Module) -> Path:
+        meta = CheckpointMeta(
+            backbone=start.spec.to_dict(),
+            img_size=start.spec.img_size,
+            mean=start.mean,
+            std=start.std,
+            stage="finetune",
+            num_classes=info.num_classes,
+            class_names=list(info.classes),
+            config=to_dict(config),
+            parent_sha256=start.parent_sha256,
+        )
+        return save_checkpoint(out / name, weights.state_dict(), meta, weights)
+
+    def validate(epoch: float) -> None:
+        current = evaluate(accelerator, model, val_loader)
+        record = {
+            "event": "eval",
+            "epoch": round(epoch, 4),
+            "at_step": run.position.step,
+            **current.summary(),
+        }
+        if ema is not None:
+            record.update(evaluate(accelerator, ema.module, val_loader).summary("ema_"))
+        run.log.event(record)
+        result.history.append(record)
+        data = run.position.data
+        improved = data.get("best_top1") is None or current.top1 > data["best_top1"]
+        evaluations["last"] = current
+        if improved:
+            data["best_top1"] = current.top1
+            evaluations["best"] = current
+        if main:
+            append_metrics(metrics_path, record)
+            if improved:
+                export("best", net)
+        accelerator.wait_for_everyone()
+
+    def at_epoch(epoch: int) -> None:
+        if epoch > 0 and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            validate(epoch)
+
+    model.train()
+    with run:
+        step = FinetuneStep(
+            config,
+            accelerator,
+            model,
+            optimizer,
+            _mixup(config, info.num_classes),
+            _criterion(config),
+            teacher,
+            ema,
+        )
+        result.status = run.steps(step, pipeline.batches, at_epoch)
+        if result.status == "finished":
+            if not result.history or result.history[-1]["at_step"] != run.position.step:
+                validate(run.position.step / pipeline.steps_per_epoch)  # max_steps ended mid-epoch
+            if main:
+                result.last = export("last", net)
+                if ema is not None:
+                    export("ema", ema.module)
+                result.best = out / "best.safetensors"
+                result.timm_call = timm_call(result.best)
+                # the best evaluation when this process saw it, else (resumed after it) the last one
+                which = "best" if "best" in evaluations else "last"
+                write_report(
+                    out,
+                    f"Fine-tuning report: {info.name}",
+                    _facts(config, start, pipeline),
+                    _read_history(metrics_path),
+                    evaluations[which],
+                    which,
+                    list(info.classes),
+                )
+                report_corrupt(pipeline.train.dataset.dataset)
+            accelerator.wait_for_everyone()
+    result.step, result.nan_skipped, result.signal = run.position.step, run.position.nan_skipped, run.signal
+    result.best_top1 = run.position.data.get("best_top1")
+    result.last_top1 = result.history[-1]["top1"] if result.history else None
+    return result
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
