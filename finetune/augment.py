@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from PIL import Image, ImageOps
 from timm.data import create_transform
-from timm.data.auto_augment import rand_augment_transform
+from timm.data.auto_augment import RandAugment, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
 from torchvision import transforms as T
@@ -24,10 +25,40 @@ from selfsup.finetune.settings import AugmentSettings
 from selfsup.sampling import seeded
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize with 0 bits kept meaning black, as in TF's RandAugment and older Pillow.
+
+    timm's ``PosterizeIncreasing`` asks for 0 bits at magnitudes >= 10 (m9 with mstd 0.5 reaches
+    them), which Pillow 11+ rejects ("bits must be between 1 and 8"), ending the run. Written here
+    until timm clamps it.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(transform: Any) -> Any:
+    """Replace the posterize op inside any RandAugment of ``transform`` (a Compose or a RandAugment)."""
+    for t in getattr(transform, "transforms", [transform]):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+    return transform
+
+
 def train_transform(
     img_size: int, mean: Sequence[float], std: Sequence[float], a: AugmentSettings
 ) -> Callable:
     """PIL image -> normalised, augmented tensor."""
+    return _fix_posterize(_train_transform(img_size, mean, std, a))
+
+
+def _train_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], a: AugmentSettings
+) -> Callable:
     if not is_low_res(img_size):
         return create_transform(
             img_size,
