@@ -55,7 +55,17 @@ def init_head(model: nn.Module, std: float) -> None:
 
 
 def build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
-    """The classifier to fine-tune, ``info.num_classes`` outputs, at the configured input size."""
+    """The classifier to fine-tune, ``info.num_classes`` outputs, at the configured input size.
+
+    Every random weight (a new head, a random-init network) comes from ``config.seed`` alone: the same
+    in every process of a run and in a resumed run, whatever ran before in the process.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _build_start(config, info)
+
+
+def _build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
     n = info.num_classes
     if config.model is not None:
         spec = BackboneSpec(
@@ -63,6 +73,7 @@ def build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
             img_size=config.img_size or 224,
             patch_size=config.patch_size,
             pos_embed="learned",
+            extra=dict(config.model_kwargs),
         )
         spec.drop_path_rate = config.drop_path
         model = create_backbone(spec, num_classes=n)
@@ -84,9 +95,7 @@ def build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
         )
     mean, std = tuple(meta.mean), tuple(meta.std)
     if config.random_init:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            model = create_backbone(spec, num_classes=n)
+        model = create_backbone(spec, num_classes=n)
         init_head(model, config.head_init_std)
         return Start(
             _trainable(model),

@@ -99,6 +99,12 @@ def build_pipeline(
             f"batch_size={config.batch_size} is larger than the training set ({len(train)} images)"
         )
     images = SeededImages(train, train_transform(img_size, mean, std, config.augment))
-    train_loader = DataLoader(images, batch_sampler=sampler, **common)
-    val_loader = DataLoader(val, batch_size=max(1, config.batch_size // world), shuffle=False, **common)
+    # Own generators: a loader draws its workers' base seed when an iterator starts (every epoch
+    # without persistent workers, once with them); from the global generator that draw would shift
+    # drop path and mixup by the loader's settings, and a resumed run would differ from a straight one.
+    # (Augmentations do not depend on it: they are seeded per sample.)
+    train_loader = DataLoader(images, batch_sampler=sampler, generator=torch.Generator(), **common)
+    val_loader = DataLoader(
+        val, batch_size=max(1, config.batch_size // world), shuffle=False, generator=torch.Generator(), **common
+    )
     return Pipeline(info, train_loader, val_loader, sampler, len(train), len(val))

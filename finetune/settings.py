@@ -11,7 +11,7 @@ clipping, accumulation) are off by default, as in that recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from selfsup.errors import UsageError
 from selfsup.runstate import RUN_KEYS
@@ -61,6 +61,7 @@ class FinetuneConfig:
     data_root: str | None = None
     checkpoint: str | None = None  # a backbone (pretrain's export) or a classifier (fine-tuned again)
     model: str | None = None  # a timm name or MoCo v3 alias trained from random init (no checkpoint)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # for --model, e.g. {depth: 6}
     random_init: bool = False  # the checkpoint's architecture at random init: the baseline
     img_size: int | None = None  # null: the checkpoint's (224 for --model)
     patch_size: int | None = None  # null: the checkpoint's; e.g. 4 for 32 px images

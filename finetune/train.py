@@ -38,7 +38,7 @@ from selfsup.finetune.model import (
     uses_distillation_token,
     warn_teacher_kind,
 )
-from selfsup.finetune.pipeline import Pipeline, build_pipeline, dataset_info
+from selfsup.finetune.pipeline import Pipeline, build_pipeline, check_batch, dataset_info
 from selfsup.finetune.settings import RESUMABLE_CHANGES, FinetuneConfig
 from selfsup.finetune.validation import Evaluation, append_metrics, evaluate, write_report
 from selfsup.imagefolder import report_corrupt
@@ -190,6 +190,7 @@ def train(config: FinetuneConfig) -> FinetuneResult:
         if config.distill.teacher is not None:
             warn_teacher_kind(start.model, config.distill.kind)
             teacher = Teacher(config.distill.teacher, info, start.mean, start.std, start.spec.img_size)
+        check_batch(config, world=1)  # an odd global batch is refused before anything is written
         accelerator = start_process(
             config.out,
             config.mixed_precision,
