@@ -24,12 +24,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The whole pipeline on scikit-learn's digits: pretrain -> evaluate (SSL vs random init).
+# The whole pipeline on scikit-learn's digits: pretrain -> evaluate -> fine-tune (each: SSL vs random init).
 demo: $(STAMP)
 	$(VENV)/bin/pretrain --config configs/pretrain/digits_cpu.yaml out=$(DEMO)/pretrain resume=auto
 	$(VENV)/bin/probe --checkpoint $(DEMO)/pretrain/backbone.safetensors --compare-random-init \
 		--dataset digits --out $(DEMO)/probe
-	@echo "demo done: open $(DEMO)/probe/report.html"
+	$(VENV)/bin/finetune --config configs/finetune/digits_cpu.yaml \
+		--checkpoint $(DEMO)/pretrain/backbone.safetensors --out $(DEMO)/finetune
+	$(VENV)/bin/finetune --config configs/finetune/digits_cpu.yaml --random-init \
+		--checkpoint $(DEMO)/pretrain/backbone.safetensors --out $(DEMO)/finetune_random_init
+	@echo "demo done: open $(DEMO)/probe/report.html and $(DEMO)/finetune/report.html"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -105,6 +105,10 @@ def build_pipeline(
     # (Augmentations do not depend on it: they are seeded per sample.)
     train_loader = DataLoader(images, batch_sampler=sampler, generator=torch.Generator(), **common)
     val_loader = DataLoader(
-        val, batch_size=max(1, config.batch_size // world), shuffle=False, generator=torch.Generator(), **common
+        val,
+        batch_size=max(1, config.batch_size // world),
+        shuffle=False,
+        generator=torch.Generator(),
+        **common,
     )
     return Pipeline(info, train_loader, val_loader, sampler, len(train), len(val))

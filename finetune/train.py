@@ -264,7 +264,9 @@ def _run(
         advice=DIVERGENCE_ADVICE,
     )
     info = pipeline.info
-    run.start(config, {"dataset": info.name, "classes": list(info.classes), "best_top1": None})
+    run.start(
+        config, {"dataset": info.name, "classes": list(info.classes), "best_top1": None, "last_top1": None}
+    )
     metrics_path = out / "metrics.jsonl"
     if main:
         truncate_log(metrics_path, run.position.step)
@@ -300,6 +302,7 @@ def _run(
         data = run.position.data
         improved = data.get("best_top1") is None or current.top1 > data["best_top1"]
         evaluations["last"] = current
+        data["last_top1"], data["evaluated_at"] = current.top1, run.position.step
         if improved:
             data["best_top1"] = current.top1
             evaluations["best"] = current
@@ -327,8 +330,11 @@ def _run(
         )
         result.status = run.steps(step, pipeline.batches, at_epoch)
         if result.status == "finished":
-            if not result.history or result.history[-1]["at_step"] != run.position.step:
+            if run.position.data.get("evaluated_at") != run.position.step:
                 validate(run.position.step / pipeline.steps_per_epoch)  # max_steps ended mid-epoch
+                run.save()  # the final checkpoint records it: a rerun does not evaluate again
+            if not evaluations:  # resumed from the final checkpoint: evaluated before, not recorded again
+                evaluations["last"] = evaluate(accelerator, model, val_loader)
             if main:
                 result.last = export("last", net)
                 if ema is not None:
@@ -350,7 +356,7 @@ def _run(
             accelerator.wait_for_everyone()
     result.step, result.nan_skipped, result.signal = run.position.step, run.position.nan_skipped, run.signal
     result.best_top1 = run.position.data.get("best_top1")
-    result.last_top1 = result.history[-1]["top1"] if result.history else None
+    result.last_top1 = run.position.data.get("last_top1")
     return result
 
 

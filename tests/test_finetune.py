@@ -374,3 +374,33 @@ def test_a_teacher_with_other_classes_is_refused(capsys, tmp_path, backbone):
 
 def test_no_starting_point_is_refused(capsys, tmp_path):
     assert "exactly one starting point" in _refused(capsys, tmp_path)
+
+
+# --- shipped recipes -----------------------------------------------------------------------------
+
+# moco-v3 transfer/README.md: (weight decay, drop path, random erasing, mixup, cutmix) per dataset
+MOCO_V3_TRANSFER = {
+    "cifar10": (0.1, 0.1, 0.0, 0.8, 1.0),
+    "cifar100": (0.1, 0.1, 0.0, 0.5, 1.0),
+    "flowers": (0.3, 0.1, 0.25, 0.0, 0.0),
+    "pets": (0.1, 0.0, 0.0, 0.8, 0.0),
+}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "finetune").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_finetune_config_loads(path):
+    c = load_config(FinetuneConfig, path)
+    target = path.stem.split("_")[-1]
+    if path.stem.startswith(("vit_base_", "vit_small_")):
+        a = c.augment
+        assert (c.optim.weight_decay, c.drop_path, a.random_erasing, a.mixup, a.cutmix) == MOCO_V3_TRANSFER[
+            target
+        ]
+        assert (c.optim.base_lr, c.optim.min_lr, c.optim.warmup_epochs, c.epochs, c.batch_size) == (
+            3e-4,
+            1e-5,
+            3,
+            100,
+            1024,
+        )
+        assert a.rand_augment == "rand-m9-mstd0.5-inc1" and a.label_smoothing == 0.1 and c.img_size == 224
