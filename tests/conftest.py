@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tarfile
 from pathlib import Path
 
@@ -38,6 +39,13 @@ TINY_PRETRAIN = [
     "progress_bar=false",
     "augment.blur_sigmas=[0.1, 0.5]",
 ]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for `accelerate launch --main_process_port`)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

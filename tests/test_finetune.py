@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import REPO
+from conftest import REPO, free_port
 
 from selfsup.accel import make_accelerator
 from selfsup.checkpoint import CheckpointMeta, load_backbone, load_checkpoint, read_meta, save_checkpoint
@@ -404,3 +404,51 @@ def test_every_shipped_finetune_config_loads(path):
             1024,
         )
         assert a.rand_augment == "rand-m9-mstd0.5-inc1" and a.label_smoothing == 0.1 and c.img_size == 224
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(backbone, tmp_path):
+    """Augmentations are per-sample seeded, so W processes see the 1-process images. Mixup pairs and
+    drop-path masks are drawn per process (as in DeiT and timm), so they are off here."""
+    args = [
+        *TINY,
+        f"checkpoint={backbone}",
+        "max_steps=5",
+        "drop_path=0",
+        "augment.mixup=0",
+        "augment.cutmix=0",
+    ]
+    train(load_config(FinetuneConfig, None, [*args, f"out={tmp_path / 'one'}"]))
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    run = subprocess.run(
+        [*launch, str(REPO / "finetune" / "finetune.py"), *args, f"out={tmp_path / 'two'}"],
+        env={**ENV, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 5
+    for (s1, l1), (s2, l2) in zip(one, two):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
+    e1, e2 = evals(tmp_path / "one"), evals(tmp_path / "two")
+    assert [r["at_step"] for r in e1] == [r["at_step"] for r in e2]
+    for a, b in zip(e1, e2):
+        assert a["top1"] == pytest.approx(b["top1"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-4)

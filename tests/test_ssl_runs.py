@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import time
 import pytest
 import timm
 import torch
-from conftest import REPO, TINY_PRETRAIN
+from conftest import REPO, TINY_PRETRAIN, free_port
 
 from selfsup.checkpoint import load_backbone, load_checkpoint
 from selfsup.config import load_config
@@ -23,12 +22,6 @@ from selfsup.ssl.settings import PretrainConfig
 from selfsup.ssl.train import TrainingDiverged, train
 
 TINY = [*TINY_PRETRAIN, "resume=never"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def config(tmp_path, *extra):
