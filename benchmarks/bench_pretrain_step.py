@@ -93,12 +93,12 @@ def plain_step_factory(backbone, dim, mlp_dim, precision, device):
 
 def selfsup_step_factory(spec, dim, mlp_dim, precision):
     import torch
-    from accelerate import Accelerator
 
+    from selfsup.accel import make_accelerator
     from selfsup.models import BackboneSpec, create_backbone
     from selfsup.ssl.builder import MoCoV3
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    accelerator = make_accelerator(precision)
     model = MoCoV3(create_backbone(BackboneSpec(**spec, frozen_patch_embed=True)), dim, mlp_dim)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4, weight_decay=0.1)
     model, opt = accelerator.prepare(model, opt)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.errors import UsageError
-from selfsup.metrics import check_finite
+from selfsup.metrics import check_finite, ranked_accuracy
 
 Backend = Literal["auto", "faiss-gpu", "faiss-cpu", "torch"]
 Index = Literal["auto", "flat", "ivf", "ivfpq"]
@@ -485,9 +485,7 @@ def classify_neighbours(
         top = scores.topk(min(5, num_classes), dim=1).indices
         top1 = top5 = float("nan")
         if test_labels is not None:
-            truth = test_labels.long().cpu()[:, None]
-            top1 = 100.0 * (top[:, :1] == truth).any(1).float().mean().item()
-            top5 = 100.0 * (top == truth).any(1).float().mean().item()
+            top1, top5 = ranked_accuracy(top.numpy(), test_labels.long().cpu().numpy())
         short = int((idx[:, :used] < 0).any(1).sum())
         results[k] = KnnResult(used, top1, top5, top[:, 0], found.index, short)
     return results

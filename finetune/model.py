@@ -14,7 +14,7 @@ from selfsup.checkpoint import content_hash, load_backbone, read_meta
 from selfsup.data import DatasetInfo
 from selfsup.errors import UsageError
 from selfsup.finetune.settings import FinetuneConfig
-from selfsup.models import BackboneSpec, create_backbone
+from selfsup.models import MOCO_V3_ARCHS, BackboneSpec, create_backbone
 
 LOW_RES_MAX = 64  # at or below this input size the run is in the low-resolution mode
 
@@ -73,6 +73,8 @@ def _build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
             img_size=config.img_size or 224,
             patch_size=config.patch_size,
             pos_embed="learned",
+            # a MoCo v3 alias starts from MoCo v3's initialisation, as its pretrained twin did
+            init="moco_v3" if config.model in MOCO_V3_ARCHS else "timm",
             extra=dict(config.model_kwargs),
         )
         spec.drop_path_rate = config.drop_path

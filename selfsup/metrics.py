@@ -23,13 +23,19 @@ def check_finite(values: np.ndarray | torch.Tensor, what: str = "features") -> N
         raise UsageError(f"{what} contain NaN or inf: the backbone diverged or the checkpoint is broken")
 
 
+def ranked_accuracy(
+    ranked: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
+) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of predictions ranked best first, shape (n, <= 5)."""
+    ranked, labels = np.asarray(ranked), np.asarray(labels)
+    top1 = 100.0 * float(np.mean(ranked[:, 0] == labels))
+    top5 = 100.0 * float(np.mean((ranked[:, :5] == labels[:, None]).any(axis=1)))
+    return top1, top5
+
+
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) of class ``scores`` (n, len(classes)) against ``labels``."""
-    order = np.argsort(-scores, axis=1)[:, :5]
-    top = classes[order]
-    top1 = 100.0 * float(np.mean(top[:, 0] == labels))
-    top5 = 100.0 * float(np.mean((top == labels[:, None]).any(axis=1)))
-    return top1, top5
+    return ranked_accuracy(classes[np.argsort(-scores, axis=1)[:, :5]], labels)
 
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
