@@ -265,7 +265,9 @@ def _run(
     )
     info = pipeline.info
     run.start(
-        config, {"dataset": info.name, "classes": list(info.classes), "best_top1": None, "last_top1": None}
+        config,
+        {"dataset": info.name, "classes": list(info.classes), "best_top1": None, "last_top1": None},
+        same_data=("classes",),  # an image folder whose classes changed cannot continue this head
     )
     metrics_path = out / "metrics.jsonl"
     if main:

@@ -126,6 +126,12 @@ def agree(accelerator: Accelerator, loss: torch.Tensor, stop: bool) -> tuple[flo
     return float(t[0]), bool(t[1] > 0)
 
 
+def _short(value: Any, limit: int = 5) -> str:
+    if isinstance(value, list) and len(value) > limit:
+        return f"{len(value)}: " + ", ".join(map(str, value[:limit])) + ", ..."
+    return str(value)
+
+
 class TrainingRun:
     """One training run of a stage: ``start`` (resume or not), then ``with run: run.steps(...)``.
 
@@ -158,10 +164,11 @@ class TrainingRun:
         self.log: RunLog | None = None
         self._signals: runstate.StopSignals | None = None
 
-    def start(self, config: Any, data: dict[str, Any]) -> Path | None:
+    def start(self, config: Any, data: dict[str, Any], same_data: tuple[str, ...] = ()) -> Path | None:
         """Resume from the checkpoint ``resume`` names (model, optimizer and RNG states through
-        accelerate; refused under another recipe), then write ``config.yaml`` and drop log records
-        of the steps that will run again. Returns the checkpoint resumed from, if any."""
+        accelerate; refused under another recipe, or when a ``same_data`` entry of ``data``, such as
+        the class names, differs from the checkpoint's), then write ``config.yaml`` and drop log
+        records of the steps that will run again. Returns the checkpoint resumed from, if any."""
         accelerator, out, s = self.accelerator, self.out, self.settings
         requested = to_dict(config)
         self.position = runstate.Position(data=data, config=requested)
@@ -169,6 +176,13 @@ class TrainingRun:
         if checkpoint is not None:
             stored = runstate.load_position(checkpoint)
             runstate.check_resume_config(checkpoint, stored, requested, s.force_resume, self.resumable)
+            for key in same_data:
+                if stored.data.get(key) != data.get(key):
+                    raise UsageError(
+                        f"{checkpoint} was trained with other {key} than the data now has "
+                        f"({_short(stored.data.get(key))} vs {_short(data.get(key))}): "
+                        f"use a new out=... for this data"
+                    )
             accelerator.load_state(str(checkpoint))
             self.position = stored
             self.position.config = requested

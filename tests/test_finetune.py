@@ -452,3 +452,34 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(backbone,
     assert [r["at_step"] for r in e1] == [r["at_step"] for r in e2]
     for a, b in zip(e1, e2):
         assert a["top1"] == pytest.approx(b["top1"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_resuming_on_a_folder_whose_classes_changed_is_refused(capsys, tmp_path, backbone):
+    from PIL import Image
+
+    def add_class(name):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), (40 * i, 100, 30)).save(tmp_path / "images" / name / f"{i}.png")
+
+    add_class("a")
+    add_class("b")
+    args = [
+        f"dataset=imagefolder:{tmp_path / 'images'}",
+        f"checkpoint={backbone}",
+        "batch_size=4",
+        "epochs=2",
+        "max_steps=2",
+        "val_fraction=0.2",
+        "num_workers=0",
+        "progress_bar=false",
+        f"out={tmp_path / 'run'}",
+    ]
+    assert train(load_config(FinetuneConfig, None, args)).status == "finished"
+    add_class("c")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "max_steps=4"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "other classes" in err and "new out=" in err, err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*")) == before
