@@ -62,7 +62,8 @@ class FinetuneConfig:
     checkpoint: str | None = None  # a backbone (pretrain's export) or a classifier (fine-tuned again)
     model: str | None = None  # a timm name or MoCo v3 alias trained from random init (no checkpoint)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # for --model, e.g. {depth: 6}
-    random_init: bool = False  # the checkpoint's architecture at random init: the baseline
+    # the checkpoint's architecture at random init: the baseline (--model is always from random init)
+    random_init: bool = False
     img_size: int | None = None  # null: the checkpoint's (224 for --model)
     patch_size: int | None = None  # null: the checkpoint's; e.g. 4 for 32 px images
     drop_path: float = 0.1
@@ -138,8 +139,6 @@ class FinetuneConfig:
                 "give exactly one starting point: --checkpoint BACKBONE.safetensors (pretrained, or with "
                 "--random-init its architecture from scratch) or --model NAME (from scratch)"
             )
-        if self.random_init and self.checkpoint is None:
-            raise UsageError("--random-init rebuilds a --checkpoint's architecture: give --checkpoint too")
 
     @property
     def mixes(self) -> bool:
