@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from selfsup.data import DataOptions, DatasetInfo, build_dataset, is_map_style
+from selfsup.builtin_data import stratified_split
+from selfsup.data import DataOptions, DatasetInfo, build_dataset, class_targets, is_map_style
 from selfsup.errors import UsageError
 from selfsup.finetune.augment import SeededImages, train_transform
 from selfsup.finetune.settings import FinetuneConfig
@@ -56,6 +57,12 @@ class Pipeline:
         stop_workers(self.val)
 
 
+def _labelled_share(train: Any, info: DatasetInfo, fraction: float, seed: int) -> Subset:
+    """A class-stratified, seeded ``fraction`` of the training images (at least one per class)."""
+    _, kept = stratified_split(class_targets(train), fraction, seed, class_names=info.classes, name=info.name)
+    return Subset(train, kept.tolist())
+
+
 def check_batch(config: FinetuneConfig, world: int) -> None:
     """Mixup/cutmix pair each image with the batch flipped: every micro-batch must be even."""
     per_pass, rest = divmod(config.batch_size // world, config.optim.accum_steps)
@@ -83,6 +90,8 @@ def build_pipeline(
             f"{config.dataset} is a stream of shards; fine-tuning needs an indexed dataset "
             "(an image folder or a registry dataset)"
         )
+    if config.label_fraction < 1:
+        train = _labelled_share(train, info, config.label_fraction, config.seed)
     val, _ = build_dataset(
         config.dataset, "val", eval_transform(img_size, mean, std, info.image_size), options
     )

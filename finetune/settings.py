@@ -85,6 +85,8 @@ class FinetuneConfig:
     threads: int | None = None
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     val_fraction: float = 0.1  # held out of a dataset without a val split
+    # share of the training labels used (class-stratified, seeded): label-efficient transfer; 1: all
+    label_fraction: float = 1.0
     synthetic_size: int = 256
     synthetic_classes: int = 4
     out: str = "runs/finetune"
@@ -114,6 +116,10 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value < low:
                 raise UsageError(f"config key '{name}' must be at least {low}, got {value}")
+        if not 0 < self.label_fraction <= 1:
+            raise UsageError(
+                f"label_fraction must lie in (0, 1], got {self.label_fraction}; e.g. 0.1 for 10% of the labels"
+            )
         if self.optim.accum_steps < 1:
             raise UsageError(f"optim.accum_steps must be at least 1, got {self.optim.accum_steps}")
         if self.lp_epochs >= self.epochs:

@@ -483,3 +483,17 @@ def test_resuming_on_a_folder_whose_classes_changed_is_refused(capsys, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and "other classes" in err and "new out=" in err, err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_label_fraction_keeps_a_stratified_seeded_share_of_the_training_images(tmp_path):
+    from selfsup.data import class_targets
+    from selfsup.finetune.pipeline import build_pipeline
+
+    cfg = config(tmp_path, "model=x", "label_fraction=0.25")
+    pipe = build_pipeline(cfg, 32, (0.5,) * 3, (0.25,) * 3, 0, 1, torch.device("cpu"))
+    kept = pipe.train.dataset.dataset
+    labels = class_targets(kept)
+    assert pipe.train_size == 16 and sorted(set(labels.tolist())) == [0, 1, 2, 3]
+    assert abs(max(torch.bincount(torch.as_tensor(labels)).tolist()) - 4) <= 1
+    again = build_pipeline(cfg, 32, (0.5,) * 3, (0.25,) * 3, 0, 1, torch.device("cpu"))
+    assert kept.indices == again.train.dataset.dataset.indices
