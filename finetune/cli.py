@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     return args.config, overrides + list(args.overrides)
 
 
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
     config_path, overrides = parse_args(argv)
@@ -76,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(128 + (result.signal or 15))
-    print(f"best top-1 {result.best_top1:.2f}%, last {result.last_top1:.2f}%")
-    print(f"classifier: {result.best} (last: {result.last}); report: {result.out / 'report.html'}")
+    print(f"best top-1 {_pct(result.best_top1)}, last {_pct(result.last_top1)}")
+    print(
+        f"classifier: {result.best or result.last} (last: {result.last}); report: {result.out / 'report.html'}"
+    )
     if result.timm_call:
         print(f"in stock timm (no selfsup needed): import timm; model = {result.timm_call}")

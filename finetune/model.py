@@ -46,12 +46,15 @@ def _trainable(model: nn.Module) -> nn.Module:
 
 
 def init_head(model: nn.Module, std: float) -> None:
-    """A new head: truncated normal weights of a small ``std`` and zero bias (MAE's fine-tuning)."""
-    for name in ("head", "head_dist"):
-        head = getattr(model, name, None)
+    """A new head: truncated normal weights of a small ``std`` and zero bias (MAE's fine-tuning).
+
+    The head is what timm's ``get_classifier()`` names (a distilled DeiT returns its two heads)."""
+    heads = model.get_classifier()
+    for head in heads if isinstance(heads, tuple) else (heads,):
         if isinstance(head, nn.Linear):
             nn.init.trunc_normal_(head.weight, std=std)
-            nn.init.zeros_(head.bias)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
 
 
 def build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
@@ -89,7 +92,7 @@ def _build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
     spec.patch_size = config.patch_size or spec.patch_size
     spec.drop_path_rate = config.drop_path
     names = list(meta.class_names)
-    keep_head = meta.num_classes > 0 and config.head == "auto"
+    keep_head = meta.num_classes > 0 and config.head == "auto" and not config.random_init
     if keep_head and names != list(info.classes):
         raise UsageError(
             f"classifier checkpoint {path} predicts {_classes_differ(names, info)}: "
@@ -182,6 +185,7 @@ def warn_teacher_kind(model: nn.Module, kind: str) -> None:
         )
     if kind == "hinton" and uses_distillation_token(model):
         print(
-            "note: a distilled DeiT student trained with hinton: its two heads share one loss",
+            "note: a distilled DeiT student trained with hinton: each of its two heads gets the labels and the "
+            "teacher's soft targets (distill.kind=deit trains the distillation head on the teacher's argmax)",
             file=sys.stderr,
         )

@@ -31,8 +31,26 @@ def data_options(config: FinetuneConfig) -> DataOptions:
     )
 
 
-def dataset_info(config: FinetuneConfig) -> DatasetInfo:
-    return build_dataset(config.dataset, "train", None, data_options(config))[1]
+def check_data(config: FinetuneConfig, world: int) -> DatasetInfo:
+    """The training data's facts, after the checks that need no model or process group: an indexed
+    dataset, a batch that splits evenly and fits the (label-fraction) training set. Run before
+    anything is written, so a refusal leaves ``out`` untouched."""
+    check_batch(config, world)
+    train, info = build_dataset(config.dataset, "train", None, data_options(config))
+    if not is_map_style(train):
+        raise UsageError(
+            f"{config.dataset} is a stream of shards; fine-tuning needs an indexed dataset "
+            "(an image folder or a registry dataset)"
+        )
+    if config.label_fraction < 1:
+        train = _labelled_share(train, info, config.label_fraction, config.seed)
+    if config.batch_size > len(train):
+        raise UsageError(
+            f"batch_size={config.batch_size} is larger than the training set ({len(train)} images"
+            + (f" at label_fraction={config.label_fraction}" if config.label_fraction < 1 else "")
+            + "): lower batch_size"
+        )
+    return info
 
 
 @dataclass
@@ -58,8 +76,11 @@ class Pipeline:
 
 
 def _labelled_share(train: Any, info: DatasetInfo, fraction: float, seed: int) -> Subset:
-    """A class-stratified, seeded ``fraction`` of the training images (at least one per class)."""
-    _, kept = stratified_split(class_targets(train), fraction, seed, class_names=info.classes, name=info.name)
+    """A class-stratified, seeded ``fraction`` of the training images: every class keeps at least one
+    (a class with a single image keeps it), the rest is set aside like a validation split."""
+    kept, _ = stratified_split(
+        class_targets(train), 1 - fraction, seed, class_names=info.classes, name=info.name
+    )
     return Subset(train, kept.tolist())
 
 
@@ -85,11 +106,6 @@ def build_pipeline(
     check_batch(config, world)
     options = data_options(config)
     train, info = build_dataset(config.dataset, "train", None, options)
-    if not is_map_style(train):
-        raise UsageError(
-            f"{config.dataset} is a stream of shards; fine-tuning needs an indexed dataset "
-            "(an image folder or a registry dataset)"
-        )
     if config.label_fraction < 1:
         train = _labelled_share(train, info, config.label_fraction, config.seed)
     val, _ = build_dataset(

@@ -120,6 +120,25 @@ class FinetuneConfig:
             raise UsageError(
                 f"label_fraction must lie in (0, 1], got {self.label_fraction}; e.g. 0.1 for 10% of the labels"
             )
+        if self.seed < 0:
+            raise UsageError(f"seed must be 0 or more, got {self.seed}")
+        if not 0 <= self.drop_path < 1:
+            raise UsageError(f"drop_path must lie in [0, 1), got {self.drop_path}")
+        if not 0 <= self.augment.label_smoothing < 1:
+            raise UsageError(
+                f"augment.label_smoothing must lie in [0, 1), got {self.augment.label_smoothing}"
+            )
+        if self.optim.clip_grad is not None and self.optim.clip_grad <= 0:
+            raise UsageError(
+                f"optim.clip_grad must be positive (a max gradient norm) or null, got {self.optim.clip_grad}"
+            )
+        if not 0 <= self.optim.warmup_epochs < self.epochs - self.lp_epochs:
+            raise UsageError(
+                f"optim.warmup_epochs={self.optim.warmup_epochs} must be at least 0 and shorter than the "
+                f"{self.epochs - self.lp_epochs} fine-tuning epochs (epochs - lp_epochs)"
+            )
+        if self.augment.rand_augment:
+            _check_rand_augment(self.augment.rand_augment)
         if self.optim.accum_steps < 1:
             raise UsageError(f"optim.accum_steps must be at least 1, got {self.optim.accum_steps}")
         if self.lp_epochs >= self.epochs:
@@ -145,10 +164,27 @@ class FinetuneConfig:
                 "give exactly one starting point: --checkpoint BACKBONE.safetensors (pretrained, or with "
                 "--random-init its architecture from scratch) or --model NAME (from scratch)"
             )
+        if self.model_kwargs and self.checkpoint is not None:
+            raise UsageError(
+                "model_kwargs shape a --model built from scratch; a --checkpoint's architecture is its sidecar's"
+            )
 
     @property
     def mixes(self) -> bool:
         return self.augment.mixup > 0 or self.augment.cutmix > 0
+
+
+def _check_rand_augment(spec: str) -> None:
+    """timm parses the RandAugment string only when it builds the transform (an assert there)."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(spec, {"translate_const": 10, "img_mean": (128, 128, 128)})
+    except Exception as err:
+        raise UsageError(
+            f"augment.rand_augment={spec!r} is not a timm RandAugment string ({err or type(err).__name__}); "
+            "e.g. rand-m9-mstd0.5-inc1, or null for none"
+        ) from None
 
 
 # Keys that may change across a resume: where and how the run is driven, not what it computes.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from selfsup.checkpoint import CheckpointMeta, save_checkpoint, timm_call
+from selfsup.checkpoint import HEAD_PREFIXES, CheckpointMeta, save_checkpoint, timm_call
 from selfsup.config import to_dict
 from selfsup.distill import distillation_loss
 from selfsup.finetune.model import (
@@ -38,7 +40,7 @@ from selfsup.finetune.model import (
     uses_distillation_token,
     warn_teacher_kind,
 )
-from selfsup.finetune.pipeline import Pipeline, build_pipeline, check_batch, dataset_info
+from selfsup.finetune.pipeline import Pipeline, build_pipeline, check_data
 from selfsup.finetune.settings import RESUMABLE_CHANGES, FinetuneConfig
 from selfsup.finetune.validation import Evaluation, append_metrics, evaluate, write_report
 from selfsup.imagefolder import report_corrupt
@@ -47,10 +49,12 @@ from selfsup.loop import (
     TrainingDiverged,
     TrainingRun,
     disk_errors_as_usage_errors,
+    on_main,
     start_process,
 )
 from selfsup.runstate import truncate_log
 from selfsup.schedules import apply_lr, scaled_lr, warmup_cosine
+from selfsup.transforms import eval_crop_pct
 
 __all__ = ["FinetuneResult", "FinetuneStep", "TrainingDiverged", "train"]
 
@@ -95,7 +99,7 @@ def lr_at(config: FinetuneConfig, progress: float) -> tuple[float, bool]:
 
 
 def is_head(name: str) -> bool:
-    return name.startswith(("head.", "head_dist.", "fc.", "classifier."))
+    return name.startswith(HEAD_PREFIXES)
 
 
 @dataclass
@@ -111,7 +115,9 @@ class FinetuneStep:
     criterion: nn.Module
     teacher: Teacher | None = None
     ema: ModelEmaV3 | None = None
+    steps_per_epoch: int = 1
     head_only: bool = False
+    step_index: int = 0
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels
@@ -123,14 +129,27 @@ class FinetuneStep:
         if self.teacher is None:
             return task if dist is None else 0.5 * (task + self.criterion(dist, targets))
         d = self.config.distill
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             teacher_logits = self.teacher(images).float()
+        if d.kind == "hinton" and dist is not None:  # a distilled DeiT student: both heads learn from both
+            return 0.5 * sum(
+                distillation_loss(
+                    "hinton",
+                    self.criterion(head, targets),
+                    head,
+                    teacher_logits,
+                    alpha=d.alpha,
+                    temperature=d.temperature,
+                )
+                for head in (logits, dist)
+            )
         return distillation_loss(
             d.kind, task, logits, teacher_logits, alpha=d.alpha, temperature=d.temperature, dist_logits=dist
         )
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor], progress: float):
         lr, self.head_only = lr_at(self.config, progress)
+        self.step_index = round(progress * self.steps_per_epoch)
         apply_lr(self.optimizer, lr)
         device = self.accelerator.device
         images, labels = (t.to(device, non_blocking=True) for t in batch)
@@ -155,7 +174,7 @@ class FinetuneStep:
             self.accelerator.clip_grad_norm_(net.parameters(), self.config.optim.clip_grad)
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update(net)
+            self.ema.update(net, step=self.step_index)
 
 
 def _criterion(config: FinetuneConfig) -> nn.Module:
@@ -184,13 +203,13 @@ def train(config: FinetuneConfig) -> FinetuneResult:
     """Run (or continue) the fine-tuning ``config`` describes; see the module docstring."""
     config.check_start()
     with disk_errors_as_usage_errors(config.out):
-        info = dataset_info(config)  # class names before any model is built: a mismatch fails fast
+        # `accelerate launch` (and torchrun) set WORLD_SIZE: the batch checks need no process group
+        info = check_data(config, world=int(os.environ.get("WORLD_SIZE", "1")))
         start = build_start(config, info)
         teacher = None
         if config.distill.teacher is not None:
             warn_teacher_kind(start.model, config.distill.kind)
             teacher = Teacher(config.distill.teacher, info, start.mean, start.std, start.spec.img_size)
-        check_batch(config, world=1)  # an odd global batch is refused before anything is written
         accelerator = start_process(
             config.out,
             config.mixed_precision,
@@ -244,11 +263,16 @@ def _run(
         print(f"note: {low_res_note(start.spec.img_size, start.spec.patch_size)}", file=sys.stderr)
     o = config.optim
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=0.0, betas=o.betas)
-    model, optimizer, val_loader = accelerator.prepare(model, optimizer, pipeline.val)
+    model, optimizer, pipeline.val = accelerator.prepare(model, optimizer, pipeline.val)
+    val_loader = pipeline.val  # the prepared loader owns the workers that close() stops
     net = accelerator.unwrap_model(model)
+    # Drop path and mixup draw per process from seed + rank (as DeiT); the data is seeded per sample.
+    set_seed(config.seed + accelerator.process_index)
     ema = None
     if config.ema_decay is not None:
-        ema = ModelEmaV3(net, decay=config.ema_decay, device=accelerator.device)
+        # timm's warm-up (decay 1 - (1 + step)^-3/4 up to ema_decay) keeps the EMA of a short run
+        # from staying near the initial weights and the fresh head
+        ema = ModelEmaV3(net, decay=config.ema_decay, use_warmup=True, device=accelerator.device)
         accelerator.register_for_checkpointing(ema)
     if teacher is not None:
         teacher.to(accelerator.device)
@@ -287,7 +311,8 @@ def _run(
             config=to_dict(config),
             parent_sha256=start.parent_sha256,
         )
-        return save_checkpoint(out / name, weights.state_dict(), meta, weights)
+        crop = eval_crop_pct(start.spec.img_size, info.image_size)  # the crop validation used
+        return save_checkpoint(out / name, weights.state_dict(), meta, weights, crop_pct=crop)
 
     def validate(epoch: float) -> None:
         current = evaluate(accelerator, model, val_loader)
@@ -308,11 +333,13 @@ def _run(
         if improved:
             data["best_top1"] = current.top1
             evaluations["best"] = current
-        if main:
+
+        def write() -> None:
             append_metrics(metrics_path, record)
             if improved:
                 export("best", net)
-        accelerator.wait_for_everyone()
+
+        on_main(accelerator, write)
 
     def at_epoch(epoch: int) -> None:
         if epoch > 0 and (epoch % config.eval_every == 0 or epoch == config.epochs):
@@ -329,6 +356,7 @@ def _run(
             _criterion(config),
             teacher,
             ema,
+            pipeline.steps_per_epoch,
         )
         result.status = run.steps(step, pipeline.batches, at_epoch)
         if result.status == "finished":
@@ -337,12 +365,16 @@ def _run(
                 run.save()  # the final checkpoint records it: a rerun does not evaluate again
             if not evaluations:  # resumed from the final checkpoint: evaluated before, not recorded again
                 evaluations["last"] = evaluate(accelerator, model, val_loader)
-            if main:
+
+            def finish() -> None:
                 result.last = export("last", net)
                 if ema is not None:
                     export("ema", ema.module)
-                result.best = out / "best.safetensors"
-                result.timm_call = timm_call(result.best)
+                # resumed from another run's checkpoint into a new out=, no evaluation may have beaten
+                # the stored best: that classifier is in the other folder
+                best = out / "best.safetensors"
+                result.best = best if best.is_file() else None
+                result.timm_call = timm_call(result.best or result.last)
                 # the best evaluation when this process saw it, else (resumed after it) the last one
                 which = "best" if "best" in evaluations else "last"
                 write_report(
@@ -355,7 +387,8 @@ def _run(
                     list(info.classes),
                 )
                 report_corrupt(pipeline.train.dataset.dataset)
-            accelerator.wait_for_everyone()
+
+            on_main(accelerator, finish)
     result.step, result.nan_skipped, result.signal = run.position.step, run.position.nan_skipped, run.signal
     result.best_top1 = run.position.data.get("best_top1")
     result.last_top1 = run.position.data.get("last_top1")

@@ -84,7 +84,7 @@ def write_report(
                     f"{r['epoch']:g}",
                     pct(r["top1"]),
                     pct(r["top5"]),
-                    f"{r['loss']:.4f}",
+                    "–" if r["loss"] is None else f"{r['loss']:.4f}",
                     *([pct(r.get("ema_top1"))] if len(curves) > 1 else []),
                 ]
                 for r in history

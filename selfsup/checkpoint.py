@@ -32,7 +32,8 @@ from selfsup.files import atomic_write_bytes
 from selfsup.models import BackboneSpec, create_backbone, is_vit, timm_pretrained_cfg, timm_rebuild_args
 
 FORMAT_VERSION = 3  # 2: the `timm` section (stock-timm rebuild recipe); 3: parent_sha256
-HEAD_PREFIXES = ("head.", "head_dist.")  # classifier heads (a distilled DeiT has two)
+# classifier heads in timm's models: ViTs (a distilled DeiT has two), ConvNeXt (head.fc), ResNets, EfficientNets
+HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
 
 
 def library_versions() -> dict[str, str]:
@@ -88,15 +89,18 @@ def save_checkpoint(
     state_dict: dict[str, torch.Tensor],
     meta: CheckpointMeta,
     model: nn.Module | None = None,
+    crop_pct: float | None = None,
 ) -> Path:
     """Save tensors and sidecar; returns the ``.safetensors`` path. Weights first, then the sidecar.
 
-    With ``model``, the sidecar also records how stock timm rebuilds it (:func:`timm_call`).
+    With ``model``, the sidecar also records how stock timm rebuilds it (:func:`timm_call`), with
+    the evaluation crop ``crop_pct`` the producing stage used (default: small images are used
+    whole, larger ones centre-cropped to 0.875, as :func:`selfsup.transforms.eval_crop_pct`).
     """
     target = weights_path(path)
     if model is not None:
         name, kwargs = timm_rebuild_args(model, meta.spec, meta.num_classes)
-        crop = 1.0 if meta.img_size <= 64 else 0.875  # small images are used whole (see transforms)
+        crop = crop_pct if crop_pct is not None else (1.0 if meta.img_size <= 64 else 0.875)
         meta.timm = {
             "model_name": name,
             "kwargs": kwargs,

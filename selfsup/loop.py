@@ -117,6 +117,28 @@ def disk_errors_as_usage_errors(out: str | Path) -> Iterator[None]:
         ) from None
 
 
+def on_main(accelerator: Accelerator, work: Callable[[], Any]) -> Any:
+    """Collective: ``work()`` on the main process only (exports, reports), its failure shared.
+
+    An error there (a full disk, say) is re-raised on the main process, and the others exit too
+    instead of waiting forever at the next barrier for a process that has gone.
+    """
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except Exception as err:  # handed to the caller below, after the others know
+            error = err
+    if accelerator.num_processes > 1:
+        failed = torch.tensor(float(error is not None), device=accelerator.device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            raise SystemExit("the main process failed (its error is on its stderr); stopping this one too")
+    if error is not None:
+        raise error
+    return result
+
+
 def agree(accelerator: Accelerator, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
     """The mean loss over processes and whether any process was asked to stop (one all-reduce)."""
     t = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device)])
@@ -285,6 +307,8 @@ class TrainingRun:
                     raise self._diverged()
                 if position.step >= self.end:
                     break
+                if stop and in_epoch == per_epoch and at_epoch is not None:
+                    at_epoch(epoch + 1)  # the epoch is complete: its hook runs before the save, as unstopped
                 if stop and position.nan_streak == 0:
                     self.save()
                 if stop:

@@ -32,9 +32,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def seed_all(value: int) -> None:
+    """Python's, NumPy's and torch's CPU generator (not CUDA's: augmentations run on the CPU, and
+    :func:`seeded` restores only what it seeds)."""
     random.seed(value)
     np.random.seed(value)
-    torch.manual_seed(value)
+    torch.default_generator.manual_seed(value)
 
 
 @contextlib.contextmanager

@@ -6,14 +6,24 @@ from collections.abc import Sequence
 
 from timm.data import create_transform
 
+INTERPOLATION = "bicubic"  # timm's ViTs and DeiT evaluate with bicubic resizing
+
+
+def eval_crop_pct(img_size: int, native_size: int | None = None) -> float:
+    """The centre-crop share: 1 (no crop) for images no larger than the model's input (CIFAR,
+    digits: used whole, also when upsampled), timm's ImageNet default of 0.875 otherwise."""
+    return 1.0 if native_size is not None and native_size <= img_size else 0.875
+
 
 def eval_transform(
     img_size: int, mean: Sequence[float], std: Sequence[float], native_size: int | None = None
 ):
-    """Resize + centre crop + normalize, as timm does for evaluation.
-
-    Small images (CIFAR, digits) are used whole: when the model's input size is the native size,
-    no crop is taken (crop_pct=1), instead of timm's ImageNet default of 0.875.
-    """
-    crop_pct = 1.0 if native_size is not None and native_size <= img_size else 0.875
-    return create_transform(img_size, is_training=False, mean=tuple(mean), std=tuple(std), crop_pct=crop_pct)
+    """Resize + centre crop (:func:`eval_crop_pct`) + normalize, as timm does for evaluation."""
+    return create_transform(
+        img_size,
+        is_training=False,
+        mean=tuple(mean),
+        std=tuple(std),
+        crop_pct=eval_crop_pct(img_size, native_size),
+        interpolation=INTERPOLATION,
+    )

@@ -45,9 +45,10 @@ class ToyConfig:
 class ToyStep:
     """SGD on y = 2x; ``nan_at`` steps return a NaN loss (as a diverging model would)."""
 
-    def __init__(self, accelerator, model, optimizer, lr: float, epochs: int, nan_at=()):
+    def __init__(self, accelerator, model, optimizer, lr: float, epochs: int, nan_at=(), on_call=None):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.lr, self.epochs, self.nan_at, self.calls = lr, epochs, set(nan_at), 0
+        self.on_call = on_call or (lambda call: None)
 
     def forward(self, batch, progress):
         lr = warmup_cosine(progress, self.lr, 1, self.epochs)
@@ -55,6 +56,7 @@ class ToyStep:
             group["lr"] = lr
         x, y = batch
         loss = ((self.model(x) - y) ** 2).mean()
+        self.on_call(self.calls)
         self.calls += 1
         return (loss * float("nan") if self.calls - 1 in self.nan_at else loss), {"lr": lr}
 
@@ -71,7 +73,7 @@ def batches(epoch: int, first: int):
         yield x, 2 * x
 
 
-def toy_run(config: ToyConfig, nan_at=()):
+def toy_run(config: ToyConfig, nan_at=(), stop_at: int | None = None):
     """(status, run, losses logged) of a fresh process-like start of ``config``."""
     accelerator = make_accelerator("no")
     torch.manual_seed(0)
@@ -89,7 +91,12 @@ def toy_run(config: ToyConfig, nan_at=()):
         advice="lower lr",
     )
     run.start(config, {"mean": [0.0]})
-    step = ToyStep(accelerator, model, optimizer, config.lr, config.epochs, nan_at)
+
+    def on_call(call: int) -> None:  # SIGTERM arriving during the step of this call
+        if call == stop_at:
+            run._signals.requested = 15
+
+    step = ToyStep(accelerator, model, optimizer, config.lr, config.epochs, nan_at, on_call)
     boundaries = []
     with run:
         status = run.steps(step, batches, boundaries.append)
@@ -114,6 +121,15 @@ def test_a_toy_stage_resumes_exactly_and_saves_on_its_cadence(tmp_path):
     assert status == "finished" and run.position.step == 12
     assert boundaries == [2, 3]  # after epochs 2 and 3; no start hook on a resume
     assert logged_losses(parts) == logged_losses(tmp_path / "whole")
+
+
+def test_a_stop_in_an_epochs_last_step_runs_the_epoch_hook_before_saving(tmp_path):
+    _, _, all_boundaries = toy_run(ToyConfig(str(tmp_path / "whole")))
+    status, run, boundaries = toy_run(ToyConfig(str(tmp_path / "parts")), stop_at=7)  # epoch 1: steps 4-7
+    assert status == "interrupted" and run.position.step == 8 and boundaries == [0, 1, 2]
+    status, _, after = toy_run(ToyConfig(str(tmp_path / "parts")))
+    assert status == "finished" and boundaries + after == all_boundaries
+    assert logged_losses(tmp_path / "parts") == logged_losses(tmp_path / "whole")
 
 
 def test_nan_losses_skip_the_update_and_a_streak_raises_with_the_stages_advice(tmp_path):

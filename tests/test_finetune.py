@@ -227,6 +227,96 @@ def test_distillation_losses_equal_their_formulas():
     assert deit == pytest.approx(float(0.5 * ce + 0.5 * hard), rel=1e-5)
 
 
+def _tiny_vit(classes=4, depth=2):
+    torch.manual_seed(0)
+    spec = BackboneSpec(
+        "vit_tiny_patch16_224", 32, 8, extra={"depth": depth, "embed_dim": 32, "num_heads": 2}
+    )
+    return create_backbone(spec, classes)
+
+
+def _batch(n=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_lp_ft_moves_only_the_head_during_the_linear_probe_epochs(tmp_path):
+    cfg = config(tmp_path, "model=x", "lp_epochs=1", "augment.mixup=0", "augment.cutmix=0", "drop_path=0")
+    model = _tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = _step(cfg, model)
+    for progress in (0.25, 0.5):  # inside the LP phase
+        loss, scheduled = step.forward(_batch(), progress)
+        step.update(loss)
+        assert scheduled["head_only"]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"head.weight", "head.bias"}
+    loss, scheduled = step.forward(_batch(), 1.5)  # fine-tuning: everything moves
+    step.update(loss)
+    assert not scheduled["head_only"] and not torch.equal(
+        model.state_dict()["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"]
+    )
+
+
+def test_accumulated_passes_give_the_gradients_of_one_pass_and_clipping_bounds_their_norm(tmp_path):
+    args = ["model=x", "augment.mixup=0", "augment.cutmix=0", "drop_path=0", "augment.label_smoothing=0"]
+    grads = []
+    for accum in (1, 4):
+        step = _step(config(tmp_path, *args, f"optim.accum_steps={accum}"), _tiny_vit())
+        step.forward(_batch(), 1.5)
+        grads.append({n: p.grad.clone() for n, p in step.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    step = _step(config(tmp_path, *args, "optim.clip_grad=0.01"), _tiny_vit())
+    loss, _ = step.forward(_batch(), 1.5)
+    norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in step.model.parameters() if p.grad is not None])
+    )
+    assert norm > 0.01
+    step.update(loss)
+    clipped = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in step.model.parameters() if p.grad is not None])
+    )
+    assert clipped == pytest.approx(0.01, rel=1e-3)
+
+
+def test_the_teacher_sees_the_students_images_in_its_own_normalization_and_size(tmp_path, backbone):
+    from selfsup.finetune.model import Teacher
+
+    model, meta = load_backbone(backbone, num_classes=4)
+    meta.num_classes, meta.class_names = 4, [f"class_{i}" for i in range(4)]
+    path = save_checkpoint(tmp_path / "teacher", model.state_dict(), meta, model)  # 32 px, mean .5 std .25
+    data = info(config(tmp_path, "model=x"))
+    teacher = Teacher(str(path), data, (0.3, 0.3, 0.3), (0.2, 0.2, 0.2), student_size=48)
+    x = torch.randn(2, 3, 48, 48)
+    pixels = x * 0.2 + 0.3
+    direct = F.interpolate((pixels - 0.5) / 0.25, size=(32, 32), mode="bicubic", align_corners=False)
+    assert torch.allclose(teacher(x), teacher.net(direct), atol=1e-5)
+    teacher.train()
+    assert not teacher.net.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_hinton_distillation_trains_both_heads_of_a_distilled_deit_student(tmp_path, backbone):
+    from selfsup.finetune.model import Teacher
+
+    model, meta = load_backbone(backbone, num_classes=4)
+    meta.num_classes, meta.class_names = 4, [f"class_{i}" for i in range(4)]
+    path = save_checkpoint(tmp_path / "teacher", model.state_dict(), meta, model)
+    cfg = config(tmp_path, "model=x", f"distill.teacher={path}", "augment.mixup=0", "augment.cutmix=0")
+    torch.manual_seed(0)
+    student = create_backbone(
+        BackboneSpec(
+            "deit_tiny_distilled_patch16_224", 32, 8, extra={"depth": 1, "embed_dim": 32, "num_heads": 2}
+        ),
+        4,
+    )
+    student.set_distilled_training(True)
+    teacher = Teacher(str(path), info(cfg), (0.5,) * 3, (0.25,) * 3, 32)
+    step = _step(cfg, student, teacher=teacher)
+    step.forward(_batch(), 1.5)
+    assert student.head.weight.grad.abs().sum() > 0 and student.head_dist.weight.grad.abs().sum() > 0
+
+
 # --- whole runs ----------------------------------------------------------------------------------
 
 
@@ -307,13 +397,16 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(backbone, tmp_path):
 
 @pytest.mark.slow
 def test_distillation_from_a_classifier_into_a_deit_student(backbone, tmp_path):
-    teacher = train(config(tmp_path / "teacher", f"checkpoint={backbone}", "epochs=1"))
+    teacher = train(
+        config(tmp_path / "teacher", f"checkpoint={backbone}", "epochs=1", "optim.warmup_epochs=0.5")
+    )
     student = [
         "model=deit_tiny_distilled_patch16_224",
         "img_size=32",
         "patch_size=8",
         f"distill.teacher={teacher.best}",
         "epochs=1",
+        "optim.warmup_epochs=0.5",
     ]
     hinton = train(config(tmp_path / "hinton", *student))
     deit = train(config(tmp_path / "deit", *student, "distill.kind=deit"))
@@ -469,6 +562,7 @@ def test_resuming_on_a_folder_whose_classes_changed_is_refused(capsys, tmp_path,
         f"checkpoint={backbone}",
         "batch_size=4",
         "epochs=2",
+        "optim.warmup_epochs=0.5",
         "max_steps=2",
         "val_fraction=0.2",
         "num_workers=0",
