@@ -1,0 +1,152 @@
+"""The corruption generator: deterministic, shape- and dtype-preserving, monotone in severity, and
+written in RobustBench's npy layout with a manifest."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from selfsup.errors import UsageError
+from selfsup.tta import generate as gen
+from selfsup.tta.corruptions import CORRUPTIONS, corrupt, image_rng
+
+
+def natural_image(seed: int = 0) -> np.ndarray:
+    """Smooth colour gradients, an object with edges and fine stripes: something every corruption changes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    base = np.stack(
+        [0.2 + 0.6 * xx, 0.3 + 0.4 * yy, 0.5 + 0.3 * np.sin(rng.uniform(3, 9) * xx * yy)], axis=-1
+    )
+    top, left = rng.integers(2, 14, size=2)
+    base[top : top + 12, left : left + 14] *= 0.5
+    base[::4, :, 1] *= 0.8
+    return np.uint8(np.clip(base, 0, 1) * 255)
+
+
+def sharpness(image: np.ndarray) -> float:
+    a = image.astype(float)
+    return float(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_each_corruption_is_deterministic_for_a_seed_and_keeps_shape_and_dtype(name):
+    image = natural_image()
+    for severity in (1, 5):
+        a = corrupt(image, name, severity, image_rng(0, name, severity, 7))
+        b = corrupt(image, name, severity, image_rng(0, name, severity, 7))
+        assert a.shape == image.shape and a.dtype == np.uint8 and np.array_equal(a, b)
+        assert not np.array_equal(a, image) or severity == 1  # severity 5 always changes the image
+    if CORRUPTIONS[name].family == "noise":  # random corruptions differ between seeds
+        assert not np.array_equal(
+            corrupt(image, name, 3, image_rng(0, name, 3, 7)),
+            corrupt(image, name, 3, image_rng(1, name, 3, 7)),
+        )
+
+
+# Corruptions whose published severity is one scalar that grows (the others fixed): the distance from
+# the clean image grows with it. Not listed, by design of the benchmark's tables: saturate (levels
+# alternate desaturation x0.3, x0.1 and oversaturation x1.5, x2 + .1, x2.5 + .2), pixelate (box
+# resampling to 30/28/27/24/20 px aliases differently per size, so no per-image distance is monotone
+# between neighbouring sizes) and glass blur (two iteration groups; checked below within each).
+MONOTONE = [
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "gaussian_blur",
+    "defocus_blur",
+    "brightness",
+    "contrast",
+    "jpeg_compression",
+    "zoom_blur",
+    "fog",
+]
+IMAGES = [natural_image(s) for s in range(6)]
+
+
+def _mean_over_images(statistic, name, severity):
+    return np.mean(
+        [
+            statistic(corrupt(im, name, severity, image_rng(0, name, severity, i)), im)
+            for i, im in enumerate(IMAGES)
+        ]
+    )
+
+
+@pytest.mark.parametrize("name", MONOTONE)
+def test_severity_is_monotone_in_the_distance_from_the_clean_image(name):
+    distances = [
+        _mean_over_images(lambda out, im: np.abs(out.astype(float) - im).mean(), name, s) for s in range(1, 6)
+    ]
+    assert all(b > a for a, b in itertools.pairwise(distances)), distances
+
+
+def test_glass_blur_loses_sharpness_with_sigma_within_each_iteration_group():
+    loss = [
+        _mean_over_images(lambda out, im: sharpness(im) - sharpness(out), "glass_blur", s)
+        for s in range(1, 6)
+    ]
+    assert loss[0] < loss[1] < loss[2] and loss[3] < loss[4], loss  # (0.05, 0.25, 0.4) x 1; (0.25, 0.4) x 2
+
+
+def test_the_simple_formulas_against_direct_computation():
+    image = natural_image()
+    x = image / 255.0
+    out = corrupt(image, "contrast", 5, image_rng(0, "contrast", 5, 0))
+    direct = (x - x.mean(axis=(0, 1))) * 0.15 + x.mean(axis=(0, 1))
+    assert np.array_equal(out, np.uint8(np.clip(direct, 0, 1) * 255))
+    rng = image_rng(0, "gaussian_noise", 2, 0)
+    out = corrupt(image, "gaussian_noise", 2, rng)
+    noise = image_rng(0, "gaussian_noise", 2, 0).normal(scale=0.06, size=x.shape)
+    assert np.array_equal(out, np.uint8(np.clip(x + noise, 0, 1) * 255))
+
+
+def test_zoom_by_one_is_the_image_and_the_fog_fractal_spans_zero_to_one():
+    from selfsup.tta.corruptions import clipped_zoom, plasma_fractal
+
+    x = natural_image().astype(np.float32) / 255
+    assert np.allclose(clipped_zoom(x, 1.0), x)
+    assert clipped_zoom(x, 1.25).shape == x.shape
+    fractal = plasma_fractal(32, 2.0, np.random.default_rng(0))
+    assert fractal.shape == (32, 32) and fractal.min() == 0 and fractal.max() == 1
+
+
+def test_unknown_names_and_severities_are_one_clear_error():
+    image = natural_image()
+    with pytest.raises(
+        UsageError, match="unknown corruption 'gausian_noise'; expected one of: gaussian_noise"
+    ):
+        corrupt(image, "gausian_noise", 1, image_rng(0, "x", 1, 0))
+    with pytest.raises(UsageError, match="severity must be 1, 2, 3, 4 or 5, got 6"):
+        corrupt(image, "contrast", 6, image_rng(0, "x", 1, 0))
+    with pytest.raises(UsageError, match="not implemented yet"):
+        corrupt(image, "frost", 1, image_rng(0, "x", 1, 0))
+
+
+def test_a_generated_set_has_robustbenchs_layout_and_a_manifest(tmp_path):
+    images = np.stack([natural_image(s) for s in range(6)])
+    labels = np.arange(6) % 3
+    manifest = gen.generate(images, labels, tmp_path, ["contrast", "shot_noise"], severities=(3, 5), seed=4)
+    data = np.load(tmp_path / "shot_noise.npy")
+    assert data.shape == (12, 32, 32, 3) and data.dtype == np.uint8
+    assert np.array_equal(np.load(tmp_path / "labels.npy"), np.tile(labels, 2))
+    assert np.array_equal(data[6 + 2], corrupt(images[2], "shot_noise", 5, image_rng(4, "shot_noise", 5, 2)))
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert on_disk == manifest and on_disk["regenerated"] and on_disk["severities"] == [3, 5]
+    assert on_disk["source_sha256"] == gen.source_hash(images, labels)
+    with pytest.raises(UsageError, match="32, 32, 3"):
+        gen.generate(np.zeros((2, 64, 64, 3), np.uint8), np.zeros(2), tmp_path / "x", ["contrast"])
+    with pytest.raises(UsageError, match="2 images but 3 labels"):
+        gen.generate(images[:2], labels[:3], tmp_path / "y", ["contrast"])
+
+
+def test_the_command_builds_a_set_from_a_registry_split(tmp_path, capsys):
+    gen.main(
+        ["--dataset", "digits", "--out", str(tmp_path), "--corruptions", "jpeg_compression", "--limit", "5"]
+    )
+    assert np.load(tmp_path / "jpeg_compression.npy").shape == (25, 32, 32, 3)
+    with pytest.raises(SystemExit) as exit_info:
+        gen.main(["--dataset", "digits", "--out", str(tmp_path), "--corruptions", "nope"])
+    assert exit_info.value.code == 2 and "unknown corruption 'nope'" in capsys.readouterr().err
