@@ -7,13 +7,11 @@ SIGTERM/SIGINT after saving a checkpoint (rerun the same command: ``resume=auto`
 from __future__ import annotations
 
 import argparse
-import sys
 
 from selfsup.config import load_config
 from selfsup.errors import exits_cleanly
 from selfsup.finetune.settings import FinetuneConfig
 
-EXIT_DIVERGED = 3
 FLAGS = {
     "dataset": "dataset",
     "data_root": "data_root",
@@ -66,20 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     config_path, overrides = parse_args(argv)
     config = load_config(FinetuneConfig, config_path, overrides)
     config.check_start()
-    from selfsup.finetune.train import TrainingDiverged, train  # heavy imports after argument checks
+    from selfsup.finetune.train import train  # heavy imports after argument checks
+    from selfsup.loop import run_command
 
-    try:
-        result = train(config)
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_DIVERGED) from None
-    if result.status == "interrupted":
-        print(
-            f"stopped at step {result.step}/{result.total_steps} (signal {result.signal}); checkpoint saved, "
-            f"continue with the same command (resume=auto, out={result.out})",
-            file=sys.stderr,
-        )
-        raise SystemExit(128 + (result.signal or 15))
+    result = run_command(train, config, " the same command (resume=auto, out={out})")
     print(f"best top-1 {_pct(result.best_top1)}, last {_pct(result.last_top1)}")
     print(
         f"classifier: {result.best or result.last} (last: {result.last}); report: {result.out / 'report.html'}"

@@ -86,7 +86,6 @@ def _build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
         return Start(model, spec, info.mean, info.std, description=f"{config.model} from random init")
     path = config.checkpoint
     meta = read_meta(path)
-    parent = content_hash(path)  # refuses weights that do not match the sidecar
     spec = meta.spec
     spec.img_size = config.img_size or meta.img_size
     spec.patch_size = config.patch_size or spec.patch_size
@@ -100,6 +99,9 @@ def _build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
         )
     mean, std = tuple(meta.mean), tuple(meta.std)
     if config.random_init:
+        content_hash(
+            path
+        )  # its weights are not used, but a checkpoint that does not match its sidecar is refused
         model = create_backbone(spec, num_classes=n)
         init_head(model, config.head_init_std)
         return Start(
@@ -109,7 +111,7 @@ def _build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
             std,
             description=f"{spec.arch} from random init",
         )
-    model, _ = load_backbone(
+    model, loaded = load_backbone(  # the load checks the weights against the sidecar's SHA-256
         path,
         img_size=spec.img_size,
         patch_size=spec.patch_size,
@@ -120,6 +122,7 @@ def _build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
         init_head(model, config.head_init_std)
     spec = _as_classifier_spec(spec)
     what = "its head" if keep_head else "a new head"
+    parent = loaded.weights_sha256 or content_hash(path)  # sidecars without a digest: computed
     return Start(_trainable(model), spec, mean, std, parent, f"{path} with {what}")
 
 

@@ -31,10 +31,10 @@ def data_options(config: FinetuneConfig) -> DataOptions:
     )
 
 
-def check_data(config: FinetuneConfig, world: int) -> DatasetInfo:
-    """The training data's facts, after the checks that need no model or process group: an indexed
-    dataset, a batch that splits evenly and fits the (label-fraction) training set. Run before
-    anything is written, so a refusal leaves ``out`` untouched."""
+def load_training_data(config: FinetuneConfig, world: int) -> tuple[Any, DatasetInfo]:
+    """The (label-fraction) training images, undecoded, and their facts, after the checks that need
+    no model or process group: an indexed dataset, a batch that splits evenly and fits the training
+    set. Run before anything is written, so a refusal leaves ``out`` untouched."""
     check_batch(config, world)
     train, info = build_dataset(config.dataset, "train", None, data_options(config))
     if not is_map_style(train):
@@ -50,7 +50,7 @@ def check_data(config: FinetuneConfig, world: int) -> DatasetInfo:
             + (f" at label_fraction={config.label_fraction}" if config.label_fraction < 1 else "")
             + "): lower batch_size"
         )
-    return info
+    return train, info
 
 
 @dataclass
@@ -101,15 +101,20 @@ def check_batch(config: FinetuneConfig, world: int) -> None:
 
 
 def build_pipeline(
-    config: FinetuneConfig, img_size: int, mean, std, rank: int, world: int, device: torch.device
+    config: FinetuneConfig,
+    img_size: int,
+    mean,
+    std,
+    rank: int,
+    world: int,
+    device: torch.device,
+    data: tuple[Any, DatasetInfo] | None = None,
 ) -> Pipeline:
-    check_batch(config, world)
-    options = data_options(config)
-    train, info = build_dataset(config.dataset, "train", None, options)
-    if config.label_fraction < 1:
-        train = _labelled_share(train, info, config.label_fraction, config.seed)
+    """The loaders; ``data``: what :func:`load_training_data` returned (loaded here if not given)."""
+    check_batch(config, world)  # again, with the process group's own count
+    train, info = data or load_training_data(config, world)
     val, _ = build_dataset(
-        config.dataset, "val", eval_transform(img_size, mean, std, info.image_size), options
+        config.dataset, "val", eval_transform(img_size, mean, std, info.image_size), data_options(config)
     )
     workers = config.num_workers
     common: dict[str, Any] = dict(
@@ -119,10 +124,6 @@ def build_pipeline(
         worker_init_fn=leave_signals_to_the_main_process,
     )
     sampler = GlobalBatchSampler(len(train), config.batch_size, rank, world, config.seed)
-    if sampler.steps_per_epoch() == 0:
-        raise UsageError(
-            f"batch_size={config.batch_size} is larger than the training set ({len(train)} images)"
-        )
     images = SeededImages(train, train_transform(img_size, mean, std, config.augment))
     # Own generators: a loader draws its workers' base seed when an iterator starts (every epoch
     # without persistent workers, once with them); from the global generator that draw would shift

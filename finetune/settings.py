@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from selfsup.errors import UsageError
-from selfsup.runstate import RUN_KEYS
+from selfsup.runstate import RUN_KEYS, check_run_settings
 
 
 @dataclass
@@ -101,21 +101,7 @@ class FinetuneConfig:
     max_nan_steps: int = 5
 
     def __post_init__(self) -> None:
-        for name, low in (
-            ("epochs", 1),
-            ("batch_size", 1),
-            ("num_workers", 0),
-            ("eval_every", 1),
-            ("max_nan_steps", 1),
-            ("log_every", 1),
-            ("keep_checkpoints", 1),
-            ("save_every_steps", 0),
-            ("save_every_epochs", 0),
-            ("lp_epochs", 0),
-        ):
-            value = getattr(self, name)
-            if value < low:
-                raise UsageError(f"config key '{name}' must be at least {low}, got {value}")
+        check_run_settings(self, {"eval_every": 1, "lp_epochs": 0})
         if not 0 < self.label_fraction <= 1:
             raise UsageError(
                 f"label_fraction must lie in (0, 1], got {self.label_fraction}; e.g. 0.1 for 10% of the labels"
@@ -154,8 +140,6 @@ class FinetuneConfig:
             raise UsageError(f"ema_decay must lie in (0, 1) (e.g. 0.9999), got {self.ema_decay}")
         if not 0 <= self.distill.alpha <= 1 or self.distill.temperature <= 0:
             raise UsageError("distill.alpha must lie in [0, 1] and distill.temperature be positive")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"config key 'threads' must be at least 1 (or null), got {self.threads}")
 
     def check_start(self) -> None:
         """Exactly one starting point (checked when the run starts: the defaults have none)."""

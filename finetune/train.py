@@ -40,7 +40,7 @@ from selfsup.finetune.model import (
     uses_distillation_token,
     warn_teacher_kind,
 )
-from selfsup.finetune.pipeline import Pipeline, build_pipeline, check_data
+from selfsup.finetune.pipeline import Pipeline, build_pipeline, load_training_data
 from selfsup.finetune.settings import RESUMABLE_CHANGES, FinetuneConfig
 from selfsup.finetune.validation import Evaluation, append_metrics, evaluate, write_report
 from selfsup.imagefolder import report_corrupt
@@ -124,28 +124,28 @@ class FinetuneStep:
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
         out = self.model(images)
-        logits, dist = out if isinstance(out, tuple) else (out, None)
-        task = self.criterion(logits, targets)
+        heads = out if isinstance(out, tuple) else (out,)  # a distilled DeiT: class and distillation head
+        tasks = [self.criterion(head, targets) for head in heads]
         if self.teacher is None:
-            return task if dist is None else 0.5 * (task + self.criterion(dist, targets))
+            return sum(tasks) / len(heads)
         d = self.config.distill
         with torch.no_grad(), self.accelerator.autocast():
             teacher_logits = self.teacher(images).float()
-        if d.kind == "hinton" and dist is not None:  # a distilled DeiT student: both heads learn from both
-            return 0.5 * sum(
-                distillation_loss(
-                    "hinton",
-                    self.criterion(head, targets),
-                    head,
-                    teacher_logits,
-                    alpha=d.alpha,
-                    temperature=d.temperature,
-                )
-                for head in (logits, dist)
+        if d.kind == "deit":  # the class head learns the labels, the distillation head the teacher's argmax
+            return distillation_loss(
+                "deit",
+                tasks[0],
+                heads[0],
+                teacher_logits,
+                alpha=d.alpha,
+                temperature=d.temperature,
+                dist_logits=heads[1],
             )
-        return distillation_loss(
-            d.kind, task, logits, teacher_logits, alpha=d.alpha, temperature=d.temperature, dist_logits=dist
-        )
+        # hinton: every head learns from the labels and the teacher's soft targets
+        return sum(
+            distillation_loss("hinton", task, head, teacher_logits, alpha=d.alpha, temperature=d.temperature)
+            for head, task in zip(heads, tasks)
+        ) / len(heads)
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor], progress: float):
         lr, self.head_only = lr_at(self.config, progress)
@@ -204,21 +204,14 @@ def train(config: FinetuneConfig) -> FinetuneResult:
     config.check_start()
     with disk_errors_as_usage_errors(config.out):
         # `accelerate launch` (and torchrun) set WORLD_SIZE: the batch checks need no process group
-        info = check_data(config, world=int(os.environ.get("WORLD_SIZE", "1")))
+        data = load_training_data(config, world=int(os.environ.get("WORLD_SIZE", "1")))
+        info = data[1]
         start = build_start(config, info)
         teacher = None
         if config.distill.teacher is not None:
             warn_teacher_kind(start.model, config.distill.kind)
             teacher = Teacher(config.distill.teacher, info, start.mean, start.std, start.spec.img_size)
-        accelerator = start_process(
-            config.out,
-            config.mixed_precision,
-            log_with=config.log_with,
-            seed=config.seed,
-            threads=config.threads,
-            global_batch=config.batch_size,
-        )
-        config.mixed_precision = accelerator.mixed_precision
+        accelerator = start_process(config)
         pipeline = build_pipeline(
             config,
             start.spec.img_size,
@@ -227,6 +220,7 @@ def train(config: FinetuneConfig) -> FinetuneResult:
             accelerator.process_index,
             accelerator.num_processes,
             accelerator.device,
+            data,
         )
         with contextlib.closing(pipeline):
             return _run(config, accelerator, pipeline, start, teacher)

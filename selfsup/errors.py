@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3  # a training run stopped by a streak of non-finite losses
 
 F = TypeVar("F", bound=Callable[..., object])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
@@ -33,7 +34,7 @@ from accelerate.utils import set_seed
 from selfsup import runstate
 from selfsup.accel import announce_precision, make_accelerator
 from selfsup.config import save_config, to_dict
-from selfsup.errors import UsageError
+from selfsup.errors import EXIT_DIVERGED, UsageError
 from selfsup.files import describe_os_error, ensure_writable_dir, is_user_os_error
 from selfsup.runlog import RunLog
 
@@ -77,24 +78,26 @@ class Step(Protocol):
         ...
 
 
-def start_process(
-    out: str, precision: str, *, log_with: str, seed: int, threads: int | None, global_batch: int
-) -> Accelerator:
-    """What every training process does before it builds anything, in this order.
+def start_process(config: Any) -> Accelerator:
+    """What every training process does before it builds anything, in this order, from a stage
+    config's ``out``, ``mixed_precision``, ``log_with``, ``batch_size``, ``threads`` and ``seed``.
 
     ``out`` is proven writable first (a run must be able to save), the Accelerator is made and its
-    precision announced, the global batch must split evenly, then torch's threads and the seed are
-    set (the same initial weights in every process).
+    precision announced (``auto`` resolved and written back into the config, as config.yaml
+    records it), the global batch must split evenly, then torch's threads and the seed are set
+    (the same initial weights in every process).
     """
-    ensure_writable_dir(out, "out=")
-    accelerator = make_accelerator(precision, log_with=log_with, project_dir=out)
-    announce_precision(accelerator, precision)
+    ensure_writable_dir(config.out, "out=")
+    asked = config.mixed_precision
+    accelerator = make_accelerator(asked, log_with=config.log_with, project_dir=config.out)
+    announce_precision(accelerator, asked)
+    config.mixed_precision = accelerator.mixed_precision
     world = accelerator.num_processes
-    if global_batch % world:
-        raise UsageError(f"batch_size={global_batch} must be divisible by the {world} processes")
-    if threads:
-        torch.set_num_threads(threads)
-    set_seed(seed)
+    if config.batch_size % world:
+        raise UsageError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    set_seed(config.seed)
     return accelerator
 
 
@@ -136,6 +139,28 @@ def on_main(accelerator: Accelerator, work: Callable[[], Any]) -> Any:
             raise SystemExit("the main process failed (its error is on its stderr); stopping this one too")
     if error is not None:
         raise error
+    return result
+
+
+def run_command(train: Callable[[Any], Any], config: Any, continue_with: str) -> Any:
+    """A stage command's run: ``train(config)``, with the exit codes every training command shares.
+
+    Divergence is one error line and :data:`~selfsup.errors.EXIT_DIVERGED`; a run stopped by
+    SIGTERM/SIGINT (its checkpoint saved) says how to continue (``continue_with``, formatted with
+    ``out``) and exits 128 + the signal. Otherwise the finished run's result is returned.
+    """
+    try:
+        result = train(config)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_DIVERGED) from None
+    if result.status == "interrupted":
+        print(
+            f"stopped at step {result.step}/{result.total_steps} (signal {result.signal}); checkpoint saved, "
+            f"continue with{continue_with.format(out=result.out)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + (result.signal or 15))
     return result
 
 

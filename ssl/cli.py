@@ -7,13 +7,11 @@ when stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with ``resume=au
 from __future__ import annotations
 
 import argparse
-import sys
 
 from selfsup.config import load_config
 from selfsup.errors import exits_cleanly
 from selfsup.ssl.settings import PretrainConfig
 
-EXIT_DIVERGED = 3
 FLAGS = {"dataset": "dataset", "data_root": "data_root", "out": "out"}
 
 
@@ -39,20 +37,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     config_path, overrides = parse_args(argv)
     config = load_config(PretrainConfig, config_path, overrides)
-    from selfsup.ssl.train import TrainingDiverged, train  # heavy imports after argument checks
+    from selfsup.loop import run_command  # heavy imports after argument checks
+    from selfsup.ssl.train import train
 
-    try:
-        result = train(config)
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_DIVERGED) from None
-    if result.status == "interrupted":
-        print(
-            f"stopped at step {result.step}/{result.total_steps} (signal {result.signal}); checkpoint saved, "
-            f"continue with: pretrain ... out={result.out} resume=auto",
-            file=sys.stderr,
-        )
-        raise SystemExit(128 + (result.signal or 15))
+    result = run_command(train, config, ": pretrain ... out={out} resume=auto")
     if result.backbone is not None:
         print(f"backbone: {result.backbone}")
         if result.timm_call:

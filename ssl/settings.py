@@ -16,7 +16,7 @@ from typing import Literal
 
 from selfsup.errors import UsageError
 from selfsup.models import BackboneSpec
-from selfsup.runstate import RUN_KEYS
+from selfsup.runstate import RUN_KEYS, check_run_settings
 
 
 def _paper_backbone() -> BackboneSpec:
@@ -107,24 +107,7 @@ class PretrainConfig:
     export_only: bool = False  # export the backbone of the latest checkpoint in `out`, no training
 
     def __post_init__(self) -> None:
-        for name, low in (
-            ("epochs", 1),
-            ("batch_size", 1),
-            ("num_workers", 0),
-            ("max_nan_steps", 1),
-            ("log_every", 1),
-            ("keep_checkpoints", 1),
-            ("save_every_steps", 0),
-            ("save_every_epochs", 0),
-            ("monitor_every", 0),
-        ):
-            value = getattr(self, name)
-            if value < low:
-                raise UsageError(f"config key '{name}' must be at least {low}, got {value}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(
-                f"config key 'threads' must be at least 1 (or null for torch's default), got {self.threads}"
-            )
+        check_run_settings(self, {"monitor_every": 0})
         if self.optim.base_lr <= 0 or self.moco.temperature <= 0:
             raise UsageError("optim.base_lr and moco.temperature must be positive")
         if not 0 <= self.moco.momentum <= 1:

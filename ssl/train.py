@@ -25,6 +25,7 @@ from selfsup.loop import (
     TrainingDiverged,
     TrainingRun,
     disk_errors_as_usage_errors,
+    on_main,
     start_process,
 )
 from selfsup.schedules import scaled_lr, warmup_cosine
@@ -98,15 +99,7 @@ def train(config: PretrainConfig) -> PretrainResult:
     with disk_errors_as_usage_errors(config.out):
         if config.export_only:
             return PretrainResult("exported", Path(config.out), 0, 0, backbone=export_latest(config))
-        accelerator = start_process(
-            config.out,
-            config.mixed_precision,
-            log_with=config.log_with,
-            seed=config.seed,
-            threads=config.threads,
-            global_batch=config.batch_size,
-        )
-        config.mixed_precision = accelerator.mixed_precision  # auto resolved, as config.yaml records it
+        accelerator = start_process(config)
         pipeline = build_pipeline(
             config, accelerator.process_index, accelerator.num_processes, accelerator.device
         )
@@ -189,12 +182,14 @@ def _run(config: PretrainConfig, accelerator: Accelerator, pipeline: Pipeline) -
         step = MocoStep(config, accelerator, model, optimizer)
         result.status = run.steps(step, pipeline.batches, at_epoch)
         if result.status == "finished":
-            if main:
+
+            def export() -> None:  # main process only; a failure there stops every process
                 result.backbone = export_backbone(moco.backbone, config, run.position.data)
                 result.timm_call = timm_call(result.backbone)
                 if pipeline.indexed:
                     report_corrupt(pipeline.dataset)
-            accelerator.wait_for_everyone()
+
+            on_main(accelerator, export)
     result.step, result.nan_skipped = run.position.step, run.position.nan_skipped
     result.signal, result.last_loss = run.signal, run.last_loss
     return result

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import REPO, free_port
+from conftest import REPO, two_gloo_processes
 
 from selfsup.accel import make_accelerator
 from selfsup.checkpoint import CheckpointMeta, load_backbone, load_checkpoint, read_meta, save_checkpoint
@@ -512,30 +512,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(backbone,
         "augment.cutmix=0",
     ]
     train(load_config(FinetuneConfig, None, [*args, f"out={tmp_path / 'one'}"]))
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
-    run = subprocess.run(
-        [*launch, str(REPO / "finetune" / "finetune.py"), *args, f"out={tmp_path / 'two'}"],
-        env={**ENV, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-    )
+    run = two_gloo_processes(REPO / "finetune" / "finetune.py", *args, f"out={tmp_path / 'two'}", timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 5

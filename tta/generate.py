@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +36,6 @@ def source_hash(images: np.ndarray, labels: np.ndarray) -> str:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, array)
     atomic_write_bytes(path, buffer.getvalue())
