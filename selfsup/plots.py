@@ -61,6 +61,24 @@ def plot_accuracy_vs_k(curves: dict[str, dict[int, float]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_grouped_bars(
+    values: dict[str, dict[str, float]], ylabel: str, path: Path, groups: Sequence[str] | None = None
+) -> Path:
+    """One bar per series within each group, e.g. top-1 error per corruption (groups) per method."""
+    series = list(values)
+    groups = list(groups or next(iter(values.values())))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(groups) * max(1, len(series) / 2)), 4))
+    x = np.arange(len(groups))
+    for i, name in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, [values[name][g] for g in groups], width, label=name)
+    ax.set_xticks(x, [g.replace("_", " ") for g in groups], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=min(len(series), 4))
+    return _save(fig, path)
+
+
 def embed_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """2-D coordinates by UMAP when installed, else PCA; returns (coords, method)."""
     x = np.asarray(features, dtype=np.float32)

@@ -49,7 +49,10 @@ def test_each_corruption_is_deterministic_for_a_seed_and_keeps_shape_and_dtype(n
 # the clean image grows with it. Not listed, by design of the benchmark's tables: saturate (levels
 # alternate desaturation x0.3, x0.1 and oversaturation x1.5, x2 + .1, x2.5 + .2), pixelate (box
 # resampling to 30/28/27/24/20 px aliases differently per size, so no per-image distance is monotone
-# between neighbouring sizes) and glass blur (two iteration groups; checked below within each).
+# between neighbouring sizes), and, each checked below on what does grow: glass blur and spatter (two
+# groups: iterations; water then mud), motion blur (severities 3 and 4 are the same blur), frost (its
+# image weight falls as the frost weight grows, so severities 3-5 move less from the clean image than 2)
+# and elastic transform (its affine jitter shrinks with severity while the elastic displacement grows).
 MONOTONE = [
     "gaussian_noise",
     "shot_noise",
@@ -62,6 +65,7 @@ MONOTONE = [
     "jpeg_compression",
     "zoom_blur",
     "fog",
+    "snow",
 ]
 IMAGES = [natural_image(s) for s in range(6)]
 
@@ -89,6 +93,89 @@ def test_glass_blur_loses_sharpness_with_sigma_within_each_iteration_group():
         for s in range(1, 6)
     ]
     assert loss[0] < loss[1] < loss[2] and loss[3] < loss[4], loss  # (0.05, 0.25, 0.4) x 1; (0.25, 0.4) x 2
+
+
+def test_spatter_grows_within_water_and_within_mud():
+    distance = [
+        _mean_over_images(lambda out, im: np.abs(out.astype(float) - im).mean(), "spatter", s)
+        for s in range(1, 6)
+    ]
+    assert distance[0] < distance[1] < distance[2] and distance[3] < distance[4], distance
+
+
+def _same_draws(name, statistic):
+    """The statistic at each severity, one generator per image for all five: only the parameter changes."""
+    return [
+        np.mean(
+            [statistic(corrupt(im, name, s, image_rng(0, name, 1, i)), im) for i, im in enumerate(IMAGES)]
+        )
+        for s in range(1, 6)
+    ]
+
+
+def test_motion_blur_grows_with_sigma_and_its_radius_adds_nothing_past_three_sigmas():
+    distance = _same_draws("motion_blur", lambda out, im: np.abs(out.astype(float) - im).mean())
+    assert distance[0] < distance[1] < distance[2] and distance[3] < distance[4], distance
+    # (6, 2) and (8, 2): the 4 taps further out weigh exp(-13^2 / 8) ~ 1e-9 of the rest, invisible in 8 bits
+    for i, im in enumerate(IMAGES):
+        same = (corrupt(im, "motion_blur", s, image_rng(0, "motion_blur", 3, i)) for s in (3, 4))
+        assert np.array_equal(*same)
+
+
+def test_the_motion_blur_kernel_is_a_normalised_one_sided_line():
+    from selfsup.tta.corruptions import motion_kernel
+
+    for angle in (-135.0, -45.0, 0.0, 17.0, 45.0):
+        kernel = motion_kernel(6, 1.5, angle)
+        centre = kernel.shape[0] // 2
+        rows, cols = np.nonzero(kernel)
+        assert np.isclose(kernel.sum(), 1) and kernel[centre, centre] > 0
+        ahead = (cols - centre) * np.cos(np.deg2rad(angle)) + (rows - centre) * np.sin(np.deg2rad(angle))
+        assert (ahead >= 0).all()  # every tap at or ahead of the pixel along the angle, none behind
+    flat = motion_kernel(6, 2, 0.0)
+    centre = flat.shape[0] // 2
+    assert np.nonzero(flat)[0].tolist() == [centre] * 13  # 2 ceil(6) + 1 taps on the pixel's row, rightwards
+    assert np.nonzero(flat)[1].tolist() == list(range(centre, centre + 13))
+    longer = motion_kernel(8, 2, 0.0)
+    assert np.count_nonzero(longer) == 17 and np.all(np.diff(longer[longer > 0]) < 0)  # decaying, pixel first
+
+
+def test_elastic_severity_1_is_the_affine_warp_alone_and_the_displacement_grows_with_severity():
+    from selfsup.tta.corruptions import _elastic_transform, _random_affine
+
+    severities = CORRUPTIONS["elastic_transform"].severities
+    residual = []  # what the displacement adds to the affine warp, with the same draws
+    for scale, sigma, alpha in severities:
+        per_image = []
+        for i, im in enumerate(IMAGES):
+            x = im / 255.0
+            full = _elastic_transform(x, (scale, sigma, alpha), np.random.default_rng(i))
+            per_image.append(np.abs(full - _random_affine(x, alpha, np.random.default_rng(i))).mean())
+        residual.append(np.mean(per_image))
+    assert residual[0] == 0 and all(b > a for a, b in itertools.pairwise(residual)), residual
+    # the warp is the identity without jitter, and moves the image with it
+    x = natural_image() / 255.0
+    assert np.allclose(_random_affine(x, 0.0, np.random.default_rng(0)), x)
+    assert not np.allclose(_random_affine(x, 2.56, np.random.default_rng(0)), x)
+
+
+def test_frost_is_the_weighted_sum_with_a_crop_of_a_fixed_procedural_texture():
+    from selfsup.tta.corruptions import _frost_bank, frost_texture
+
+    a, b = frost_texture(np.random.default_rng(3)), frost_texture(np.random.default_rng(3))
+    assert a.dtype == np.uint8 and a.shape == (128, 192, 3) and np.array_equal(a, b)
+    assert not np.array_equal(a, frost_texture(np.random.default_rng(4)))
+    assert a.min() < 80 and a.max() == 255 and (a[..., 2] >= a[..., 0]).all()  # contrasty, bluish white
+    image = natural_image()
+    out = corrupt(image, "frost", 4, image_rng(0, "frost", 4, 0))
+    replay = image_rng(0, "frost", 4, 0)
+    texture = _frost_bank()[replay.integers(5)]
+    top, left = replay.integers(0, 128 - 32), replay.integers(0, 192 - 32)
+    direct = (0.85 * image + 0.4 * texture[top : top + 32, left : left + 32].astype(float)) / 255
+    assert np.abs(out.astype(int) - np.uint8(np.clip(direct, 0, 1) * 255)).max() <= 1  # float rounding
+    # with the same crop, the clean image's share of the result falls with severity
+    share = _same_draws("frost", lambda out, im: np.corrcoef(out.ravel(), im.ravel())[0, 1])
+    assert all(b < a for a, b in itertools.pairwise(share)), share
 
 
 def test_the_simple_formulas_against_direct_computation():
@@ -121,8 +208,6 @@ def test_unknown_names_and_severities_are_one_clear_error():
         corrupt(image, "gausian_noise", 1, image_rng(0, "x", 1, 0))
     with pytest.raises(UsageError, match="severity must be 1, 2, 3, 4 or 5, got 6"):
         corrupt(image, "contrast", 6, image_rng(0, "x", 1, 0))
-    with pytest.raises(UsageError, match="not implemented yet"):
-        corrupt(image, "frost", 1, image_rng(0, "x", 1, 0))
 
 
 def test_a_generated_set_has_robustbenchs_layout_and_a_manifest(tmp_path):

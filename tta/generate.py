@@ -2,7 +2,7 @@
 
 Output, in RobustBench's layout so the same loader reads released and regenerated sets:
 ``<corruption>.npy`` of shape (S x N, H, W, 3) uint8, the N images at each requested severity in
-order, ``labels.npy`` (S x N,), and ``manifest.json``: the corruption parameters, severities, seed,
+order, ``labels.npy`` (S x N,), ``clean.npy`` (the N clean images, in the labels' order) and ``manifest.json``: the corruption parameters, severities, seed,
 the source's name and SHA-256 over its images and labels, and ``"regenerated": true`` (results on
 such a set are labelled so; they are not the released CIFAR-10-C).
 
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from selfsup.errors import UsageError, exits_cleanly
 from selfsup.files import atomic_write_bytes, ensure_writable_dir
@@ -49,6 +50,7 @@ def generate(
     severities: Sequence[int] = (1, 2, 3, 4, 5),
     seed: int = 0,
     source: str = "",
+    progress: bool = False,
 ) -> dict:
     """Write the corrupted copies of ``images`` (N, H, W, 3) uint8 into ``out``; returns the manifest."""
     for name in corruptions:
@@ -62,7 +64,7 @@ def generate(
     if len(images) != len(labels):
         raise UsageError(f"{len(images)} images but {len(labels)} labels")
     out = ensure_writable_dir(out, "--out")
-    for name in corruptions:
+    for name in tqdm(corruptions, desc="corruptions", unit="set", disable=not progress):
         stacked = np.stack(
             [
                 corrupt(image, name, severity, image_rng(seed, name, severity, i))
@@ -72,6 +74,7 @@ def generate(
         )
         _save_npy(out / f"{name}.npy", stacked)
     _save_npy(out / "labels.npy", np.tile(np.asarray(labels, dtype=np.int64), len(severities)))
+    _save_npy(out / "clean.npy", images)  # accuracy after adaptation; EATA's Fisher information
     manifest = {
         "regenerated": True,
         "source": source,
@@ -129,7 +132,14 @@ def main(argv: list[str] | None = None) -> None:
             check(name, severity)
     images, labels = load_split(args.dataset, args.split, args.data_root, args.limit)
     generate(
-        images, labels, args.out, args.corruptions, args.severities, args.seed, f"{args.dataset}:{args.split}"
+        images,
+        labels,
+        args.out,
+        args.corruptions,
+        args.severities,
+        args.seed,
+        f"{args.dataset}:{args.split}",
+        progress=True,
     )
     print(
         f"{len(args.corruptions)} corruption(s) x {len(args.severities)} severities x {len(images)} images -> {args.out}"

@@ -1,0 +1,171 @@
+"""Corruption sets on disk and the streams of test batches the protocols make of them.
+
+Layout (RobustBench's, used by the released CIFAR-10-C / CIFAR-100-C and by ``generate``):
+``<corruption>.npy`` holding (S x N, H, W, 3) uint8 images, the N test images at each of S
+severities in order (S = 5 for released sets), and ``labels.npy`` of N or S x N labels. A regenerated
+set adds ``manifest.json`` (which severities it holds, its parameters) and ``clean.npy`` (the N
+clean images, for accuracy after adaptation and EATA's Fisher information).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from selfsup.errors import UsageError
+from selfsup.tta.corruptions import BENCHMARK, CORRUPTIONS, HELD_OUT
+
+# names accepted by --dataset, and the folder RobustBench downloads them to under a data root
+RELEASED = {"cifar10-c": "CIFAR-10-C", "cifar100-c": "CIFAR-100-C"}
+PROTOCOLS = ("reset", "continual", "mixed")
+
+
+@dataclass
+class CorruptionSet:
+    root: Path
+    regenerated: bool
+    severities: tuple[int, ...]  # the severities stored, in order
+    size: int  # N, test images per severity
+    available: tuple[str, ...]  # corruptions present, in the benchmark's order
+    manifest: dict = field(default_factory=dict)
+
+    def images(self, name: str, severity: int) -> np.ndarray:
+        if severity not in self.severities:
+            raise UsageError(
+                f"{self.root} holds severities {', '.join(map(str, self.severities))}, not {severity}: "
+                "pick one of those or regenerate the set with --severities"
+            )
+        stored = np.load(self.root / f"{name}.npy", mmap_mode="r")
+        if stored.ndim != 4 or stored.shape[0] != self.size * len(self.severities) or stored.shape[-1] != 3:
+            raise UsageError(
+                f"{self.root / f'{name}.npy'} has shape {stored.shape}; expected "
+                f"({self.size * len(self.severities)}, H, W, 3): {len(self.severities)} severities of "
+                f"{self.size} images, as labels.npy says"
+            )
+        if stored.dtype != np.uint8:
+            raise UsageError(f"{self.root / f'{name}.npy'} holds {stored.dtype}; expected uint8 images")
+        start = self.severities.index(severity) * self.size
+        return np.asarray(stored[start : start + self.size])
+
+    def clean(self) -> np.ndarray | None:
+        path = self.root / "clean.npy"
+        return np.load(path) if path.is_file() else None
+
+
+def resolve_root(dataset: str, data_root: str | None) -> Path:
+    """``cifar10-c``/``cifar100-c`` under ``data_root`` (RobustBench's folder names), or a folder."""
+    key = dataset.lower()
+    if key in RELEASED:
+        root = Path(data_root or "data") / RELEASED[key]
+        if not root.is_dir():
+            raise UsageError(
+                f"{dataset}: no folder {root}; put the released set there (RobustBench's layout: "
+                f"<corruption>.npy and labels.npy) or pass --data-root, or build one offline with "
+                f"python -m selfsup.tta.generate"
+            )
+        return root
+    if key == "imagenet-c":
+        raise UsageError(
+            "imagenet-c (image folders per corruption and severity) is not supported yet; "
+            "use a set in the npy layout (cifar10-c, cifar100-c, or a folder made by selfsup.tta.generate)"
+        )
+    root = Path(dataset)
+    if not root.is_dir():
+        raise UsageError(
+            f"--dataset {dataset}: expected cifar10-c, cifar100-c or a folder with <corruption>.npy "
+            "and labels.npy"
+        )
+    return root
+
+
+def open_set(root: Path) -> CorruptionSet:
+    """Read a set's labels and manifest and check that its files agree; one error line otherwise."""
+    labels_path = root / "labels.npy"
+    if not labels_path.is_file():
+        raise UsageError(
+            f"{root} has no labels.npy; expected RobustBench's layout (<corruption>.npy, labels.npy)"
+        )
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    severities = tuple(manifest.get("severities", (1, 2, 3, 4, 5)))
+    available = tuple(n for n in (*BENCHMARK, *HELD_OUT) if (root / f"{n}.npy").is_file())
+    if not available:
+        raise UsageError(f"{root} holds no <corruption>.npy; expected names among: {', '.join(CORRUPTIONS)}")
+    labels = np.load(labels_path)
+    first = np.load(root / f"{available[0]}.npy", mmap_mode="r")
+    rows = first.shape[0]
+    if rows % len(severities) or len(labels) not in (rows, rows // len(severities)):
+        raise UsageError(
+            f"{labels_path} holds {len(labels)} labels but {available[0]}.npy holds {rows} images "
+            f"({len(severities)} severities): the labels do not match the images"
+        )
+    return CorruptionSet(
+        root,
+        bool(manifest.get("regenerated", False)),
+        severities,
+        rows // len(severities),
+        available,
+        manifest,
+    )
+
+
+def labels_of(corruption_set: CorruptionSet) -> np.ndarray:
+    labels = np.load(corruption_set.root / "labels.npy").astype(np.int64)
+    return labels[: corruption_set.size]  # released sets repeat the N labels for each severity
+
+
+def check_corruptions(names: Sequence[str], corruption_set: CorruptionSet) -> tuple[str, ...]:
+    for name in names:
+        if name not in CORRUPTIONS:
+            raise UsageError(f"unknown corruption '{name}'; expected one of: {', '.join(CORRUPTIONS)}")
+        if name not in corruption_set.available:
+            raise UsageError(
+                f"{corruption_set.root} has no {name}.npy; it holds: {', '.join(corruption_set.available)}"
+            )
+    return tuple(names)
+
+
+@dataclass
+class Batch:
+    corruption: str  # "mixed" batches hold several: see ``sources``
+    images: np.ndarray  # (B, H, W, 3) uint8
+    labels: np.ndarray
+    sources: np.ndarray  # the corruption index of each image (mixed protocol)
+    starts_task: bool  # the first batch of a corruption (the reset protocol resets here)
+
+
+def stream(
+    corruption_set: CorruptionSet,
+    names: Sequence[str],
+    severity: int,
+    protocol: str,
+    batch_size: int,
+    seed: int = 0,
+    limit: int | None = None,
+) -> Iterator[Batch]:
+    """The test batches in order. Each corruption's images come in one seeded order, the same for
+    every method (a set stored class by class would otherwise give single-class batches); ``mixed``
+    shuffles every corruption's images into one stream."""
+    labels = labels_of(corruption_set)
+    n = len(labels) if limit is None else min(limit, len(labels))
+    order = np.random.default_rng(seed).permutation(len(labels))[:n]
+    if protocol == "mixed":
+        pool = [(i, j) for i in range(len(names)) for j in order]
+        mixed_order = np.random.default_rng(seed + 1).permutation(len(pool))
+        loaded = [corruption_set.images(name, severity) for name in names]
+        for start in range(0, len(pool), batch_size):
+            picks = [pool[k] for k in mixed_order[start : start + batch_size]]
+            sources = np.array([i for i, _ in picks])
+            index = np.array([j for _, j in picks])
+            images = np.stack([loaded[i][j] for i, j in picks])
+            yield Batch("mixed", images, labels[index], sources, start == 0)
+        return
+    for i, name in enumerate(names):
+        images = corruption_set.images(name, severity)
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size]
+            yield Batch(name, images[index], labels[index], np.full(len(index), i), start == 0)

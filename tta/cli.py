@@ -1,0 +1,65 @@
+"""``tta --checkpoint CLASSIFIER --dataset cifar10-c [--method source,tent,eata,sar] [--protocol reset]
+[--severity 5] [--batch-size 64] [key=value ...]``: adapt at test time and report the errors.
+
+Writes OUT/report.html/md (error per corruption per method beside the source row, a plot, cost and
+forgetting), OUT/results.json and OUT/config.yaml. Exit codes: 0 done, 2 bad input (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from selfsup.config import load_config
+from selfsup.errors import UsageError, exits_cleanly
+from selfsup.tta.settings import TTAConfig
+
+FLAGS = {
+    "checkpoint": "checkpoint",
+    "dataset": "dataset",
+    "data_root": "data_root",
+    "method": "methods",
+    "protocol": "protocol",
+    "severity": "severity",
+    "batch_size": "batch_size",
+    "corruptions": "corruptions",
+    "out": "out",
+}
+
+
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="tta",
+        description="Test-time adaptation of a classifier on a corruption benchmark (CIFAR-10-C, CIFAR-100-C, "
+        "or a set built by python -m selfsup.tta.generate). Any config key can be set as key=value.",
+    )
+    parser.add_argument("--config", help="YAML file of settings (see tta/settings.py)")
+    parser.add_argument("--checkpoint", help="a classifier: fine-tune's best.safetensors")
+    parser.add_argument(
+        "--dataset", help="cifar10-c, cifar100-c (under --data-root) or a folder in the npy layout"
+    )
+    parser.add_argument("--data-root", help="folder holding CIFAR-10-C/ or CIFAR-100-C/")
+    parser.add_argument("--method", help="comma-separated: source,norm,tent,eta,eata,sar,memo")
+    parser.add_argument("--protocol", help="reset (before each corruption), continual or mixed")
+    parser.add_argument("--severity", help="1-5")
+    parser.add_argument("--batch-size", help="test batch size (64, 16, 1, ...)")
+    parser.add_argument(
+        "--corruptions", help="comma-separated subset (default: the benchmark's 15 in the set)"
+    )
+    parser.add_argument("--out", help="output folder")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    flags = [f"{key}={getattr(args, attr)}" for attr, key in FLAGS.items() if getattr(args, attr) is not None]
+    return args.config, flags + list(args.overrides)
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> None:
+    config_path, overrides = parse_args(argv)
+    config = load_config(TTAConfig, config_path, overrides)
+    if not config.checkpoint:
+        raise UsageError("no classifier given: pass --checkpoint runs/finetune/best.safetensors")
+    from selfsup.tta.pipeline import run  # heavy imports after the argument checks
+
+    tables, paths = run(config)
+    print(tables)
+    print(f"report: {paths['html']}")

@@ -1,0 +1,223 @@
+"""Run each method over a corruption set under one protocol and measure what a reader compares:
+top-1 error per corruption, clean accuracy at the end of the stream (forgetting), forward and
+backward passes, wall time and peak memory."""
+
+from __future__ import annotations
+
+import copy
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from selfsup.checkpoint import CheckpointMeta, load_backbone, read_meta
+from selfsup.errors import UsageError
+from selfsup.tta.adapter import Adapter, NormStats, Source
+from selfsup.tta.benchmark import CorruptionSet, labels_of, stream
+from selfsup.tta.eata import EATA
+from selfsup.tta.memo import MEMO
+from selfsup.tta.sar import SAR
+from selfsup.tta.settings import TTAConfig
+from selfsup.tta.tent import Tent
+
+
+def load_classifier(path: str) -> tuple[nn.Module, CheckpointMeta]:
+    """The classifier a fine-tuning run exported (backbone + head); a backbone alone is refused."""
+    meta = read_meta(path)
+    if meta.num_classes <= 0:
+        raise UsageError(
+            f"{path} is a backbone without a classifier head (stage {meta.stage!r}); test-time adaptation "
+            "needs a classifier: fine-tune it first (finetune --checkpoint ...) and pass its best.safetensors"
+        )
+    model, meta = load_backbone(path, num_classes=meta.num_classes, drop_path_rate=0.0)
+    return model.eval(), meta
+
+
+class Inputs:
+    """uint8 images (B, H, W, 3) -> the model's normalized input: its own mean and std (from the
+    checkpoint; published TTA code used ImageNet's for every ViT) at its input size (bicubic)."""
+
+    def __init__(self, meta: CheckpointMeta, device: torch.device):
+        self.size, self.device = meta.img_size, device
+        self.mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+
+def build_adapter(
+    method: str, model: nn.Module, config: TTAConfig, meta: CheckpointMeta, clean: Callable | None
+) -> Adapter:
+    lr = config.entropy_lr
+    if method == "source":
+        return Source(model)
+    if method == "norm":
+        try:
+            return NormStats(model)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    if method == "tent":
+        return Tent(model, lr=lr, steps=config.steps)
+    if method in ("eta", "eata"):
+        s = config.eata
+        batches = clean(s.fisher_size) if method == "eata" else None
+        return EATA(
+            model,
+            lr,
+            e_margin_coeff=s.e_margin_coeff,
+            d_margin=s.d_margin,
+            fisher_alpha=s.fisher_alpha,
+            clean_batches=batches,
+        )
+    if method == "sar":
+        s = config.sar
+        return SAR(model, lr, rho=s.rho, e_margin_coeff=s.e_margin_coeff, reset_below=s.reset_below)
+    if method == "memo":
+        s = config.memo
+        return MEMO(
+            model, meta.mean, meta.std, lr=s.lr, weight_decay=s.weight_decay, views=s.views, seed=config.seed
+        )
+    raise UsageError(f"unknown method {method}")
+
+
+@dataclass
+class MethodResult:
+    method: str
+    errors: dict[str, float]  # top-1 error (%) per corruption
+    mean_error: float
+    clean_top1_after: float | None  # clean top-1 (%) of the adapted model at the end of the stream
+    forwards: int
+    backwards: int
+    seconds: float
+    images: int
+    peak_memory_mb: float | None
+    memory_kind: str
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def peak_memory(device: torch.device) -> tuple[float | None, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
+    # per-method CPU peaks are not measurable in one process; the process's peak RSS is what it is
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
+
+
+class Benchmark:
+    """One corruption set, one protocol, one classifier: ``run(method) -> MethodResult``."""
+
+    def __init__(self, config: TTAConfig, corruption_set: CorruptionSet, names: tuple[str, ...], device):
+        self.config, self.set, self.names, self.device = config, corruption_set, names, device
+        self.original, self.meta = load_classifier(config.checkpoint)
+        self.original.to(device)
+        self.inputs = Inputs(self.meta, device)
+        self.labels = labels_of(corruption_set)
+        n_classes = self.meta.num_classes
+        if self.labels.min() < 0 or self.labels.max() >= n_classes:
+            raise UsageError(
+                f"{corruption_set.root}/labels.npy holds labels {self.labels.min()}..{self.labels.max()} but "
+                f"{config.checkpoint} predicts {n_classes} classes: the set and the classifier do not match"
+            )
+        self.clean_images = corruption_set.clean()
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if config.mixed_precision == "bf16"
+            else torch.autocast(device.type, dtype=torch.float16)
+            if config.mixed_precision == "fp16"
+            else None
+        )
+
+    def clean_batches(self, limit: int):
+        """EATA's Fisher images: the first ``limit`` clean images in a seeded order."""
+        if self.clean_images is None:
+            raise UsageError(
+                f"eata needs clean images for its Fisher information and {self.set.root} has no clean.npy: "
+                "build the set with python -m selfsup.tta.generate (it writes clean.npy), or use eta"
+            )
+        order = np.random.default_rng(self.config.seed + 2).permutation(len(self.clean_images))[:limit]
+        for start in range(0, len(order), self.config.batch_size):
+            yield self.inputs(self.clean_images[order[start : start + self.config.batch_size]])
+
+    def _clean_top1(self, adapter: Adapter) -> float | None:
+        if self.clean_images is None:
+            return None
+        correct = 0
+        n = len(self.labels) if self.config.limit is None else min(self.config.limit, len(self.labels))
+        for start in range(0, n, 256):
+            x = self.inputs(self.clean_images[start : min(start + 256, n)])
+            correct += int(
+                (adapter.predict(x).argmax(1).cpu().numpy() == self.labels[start : start + len(x)]).sum()
+            )
+        return 100.0 * correct / n
+
+    def run(self, method: str) -> MethodResult:
+        config = self.config
+        model = copy.deepcopy(self.original)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        torch.manual_seed(config.seed)
+        adapter = build_adapter(method, model, config, self.meta, self.clean_batches)
+        adapter.forwards = adapter.backwards = 0  # Fisher estimation is set-up, not test-time cost
+        correct = np.zeros(len(self.names))
+        seen = np.zeros(len(self.names))
+        batches = stream(
+            self.set,
+            self.names,
+            config.severity,
+            config.protocol,
+            config.batch_size,
+            config.seed,
+            config.limit,
+        )
+        total = len(self.names) * -(-self._n() // config.batch_size) if config.protocol != "mixed" else None
+        start = time.perf_counter()
+        first = True
+        for batch in tqdm(batches, desc=method, total=total, unit="batch", leave=False, file=sys.stderr):
+            if config.protocol == "reset" and batch.starts_task and not first:
+                adapter.reset()
+            first = False
+            x = self.inputs(batch.images)
+            if self.autocast is not None:
+                with self.autocast:
+                    logits = adapter(x)
+            else:
+                logits = adapter(x)
+            hits = logits.argmax(1).cpu().numpy() == batch.labels
+            np.add.at(correct, batch.sources, hits)
+            np.add.at(seen, batch.sources, 1)
+        seconds = time.perf_counter() - start
+        clean = self._clean_top1(adapter)
+        memory, kind = peak_memory(self.device)
+        errors = {name: 100.0 * (1 - c / s) for name, c, s in zip(self.names, correct, seen)}
+        extra = {}
+        if hasattr(adapter, "kept"):
+            extra["adapted share (%)"] = 100.0 * adapter.kept / max(adapter.seen, 1)
+        if hasattr(adapter, "recoveries"):
+            extra["recoveries"] = float(adapter.recoveries)
+        return MethodResult(
+            adapter.name,
+            errors,
+            float(np.mean(list(errors.values()))),
+            clean,
+            adapter.forwards,
+            adapter.backwards,
+            seconds,
+            int(seen.sum()),
+            memory,
+            kind,
+            extra,
+        )
+
+    def _n(self) -> int:
+        return len(self.labels) if self.config.limit is None else min(self.config.limit, len(self.labels))

@@ -1,0 +1,81 @@
+"""The test-time adaptation configuration. Defaults follow the reference implementations for ViTs:
+lr (0.001 / 64) x batch (Tent, SAR; EATA's ResNet lr is 0.00025 per 64), SGD momentum 0.9, entropy
+margin 0.4 ln C, EATA's d_margin 0.05 and Fisher alpha 2000 over 2,000 clean images, SAR's rho 0.05
+and recovery below 0.2, MEMO's 32 AugMix views and AdamW 1e-5."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from selfsup.errors import UsageError
+from selfsup.tta.benchmark import PROTOCOLS
+
+METHODS = ("source", "norm", "tent", "eta", "eata", "sar", "memo")
+
+
+@dataclass
+class EataSettings:
+    e_margin_coeff: float = 0.4  # E0 = coeff x ln C
+    d_margin: float = 0.05  # redundancy: |cosine| to the mean prediction at or above this is dropped
+    fisher_alpha: float = 2000.0
+    fisher_size: int = 2000  # clean images for the Fisher information (the set's clean.npy)
+
+
+@dataclass
+class SarSettings:
+    rho: float = 0.05
+    e_margin_coeff: float = 0.4
+    reset_below: float = 0.2  # model recovery when the loss EMA falls below this
+
+
+@dataclass
+class MemoSettings:
+    views: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+
+
+@dataclass
+class TTAConfig:
+    checkpoint: str | None = None  # a classifier (fine-tune's best.safetensors)
+    dataset: str = "cifar10-c"  # cifar10-c | cifar100-c (under data_root) | a folder in the npy layout
+    data_root: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["source", "tent", "eata", "sar"])
+    protocol: Literal["reset", "continual", "mixed"] = "reset"
+    severity: int = 5
+    corruptions: list[str] | None = None  # null: the benchmark's 15 that the set holds, in canonical order
+    batch_size: int = 64
+    lr: float | None = None  # null: 0.001 / 64 x batch_size (Tent/ETA/EATA/SAR)
+    steps: int = 1  # Tent's steps per batch
+    limit: int | None = None  # first N test images of each corruption (in the seeded order)
+    seed: int = 0
+    eata: EataSettings = field(default_factory=EataSettings)
+    sar: SarSettings = field(default_factory=SarSettings)
+    memo: MemoSettings = field(default_factory=MemoSettings)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    threads: int | None = None
+    out: str = "runs/tta"
+
+    def __post_init__(self) -> None:
+        if self.severity not in (1, 2, 3, 4, 5):
+            raise UsageError(f"severity must be 1, 2, 3, 4 or 5, got {self.severity}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise UsageError(
+                f"unknown method(s) {', '.join(unknown) or '(none given)'}; expected some of: {', '.join(METHODS)}"
+            )
+        if self.protocol not in PROTOCOLS:
+            raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol}")
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.lr is not None and self.lr <= 0:
+            raise UsageError(f"lr must be positive or null (the ViT default), got {self.lr}")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"limit must be at least 1 or null (all images), got {self.limit}")
+        if self.memo.views < 2:
+            raise UsageError(f"memo.views must be at least 2 (a marginal over views), got {self.memo.views}")
+
+    @property
+    def entropy_lr(self) -> float:
+        return self.lr if self.lr is not None else 0.001 / 64 * self.batch_size
