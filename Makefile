@@ -24,7 +24,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The whole pipeline on scikit-learn's digits: pretrain -> evaluate -> fine-tune (each: SSL vs random init).
+# The whole pipeline on scikit-learn's digits: pretrain -> evaluate -> fine-tune (each: SSL vs random init)
+# -> test-time adaptation on a regenerated corruption (source vs Tent).
 demo: $(STAMP)
 	$(VENV)/bin/pretrain --config configs/pretrain/digits_cpu.yaml out=$(DEMO)/pretrain resume=auto
 	$(VENV)/bin/probe --checkpoint $(DEMO)/pretrain/backbone.safetensors --compare-random-init \
@@ -33,7 +34,11 @@ demo: $(STAMP)
 		--checkpoint $(DEMO)/pretrain/backbone.safetensors --out $(DEMO)/finetune
 	$(VENV)/bin/finetune --config configs/finetune/digits_cpu.yaml --random-init \
 		--checkpoint $(DEMO)/pretrain/backbone.safetensors --out $(DEMO)/finetune_random_init
-	@echo "demo done: open $(DEMO)/probe/report.html and $(DEMO)/finetune/report.html"
+	$(PY) -m selfsup.tta.generate --dataset digits --split val --corruptions contrast --severities 3 \
+		--out $(DEMO)/digits-c
+	$(VENV)/bin/tta --checkpoint $(DEMO)/finetune/best.safetensors --dataset $(DEMO)/digits-c \
+		--corruptions contrast --severity 3 --method source,tent --batch-size 16 --out $(DEMO)/tta
+	@echo "demo done: open $(DEMO)/probe/report.html, $(DEMO)/finetune/report.html and $(DEMO)/tta/report.html"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

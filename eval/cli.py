@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None) -> ProbeConfig:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value before and after the flags
     if args.models and not args.random_init:
         raise UsageError(
             "--model evaluates an architecture at random initialisation: add --random-init "

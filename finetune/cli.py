@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     parser.add_argument("--teacher", help="a classifier checkpoint to distil from (distill.teacher=...)")
     parser.add_argument("--out", help="run folder (same as out=...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value before and after the flags
     overrides = [
         f"{key}={getattr(args, attr)}" for attr, key in FLAGS.items() if getattr(args, attr) is not None
     ]

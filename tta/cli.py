@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     )
     parser.add_argument("--out", help="output folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value before and after the flags
     flags = [f"{key}={getattr(args, attr)}" for attr, key in FLAGS.items() if getattr(args, attr) is not None]
     return args.config, flags + list(args.overrides)
 
