@@ -89,11 +89,6 @@ class Adapter:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of the model as it is now, without adapting (clean accuracy after adaptation)."""
-        return self.forward(images)
-
     def reset(self) -> None:
         self.model.load_state_dict(self._saved[0])
         if self.optimizer is not None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from selfsup.errors import UsageError
 from selfsup.tta.corruptions import BENCHMARK, CORRUPTIONS, HELD_OUT
@@ -127,6 +129,19 @@ def check_corruptions(names: Sequence[str], corruption_set: CorruptionSet) -> tu
                 f"{corruption_set.root} has no {name}.npy; it holds: {', '.join(corruption_set.available)}"
             )
     return tuple(names)
+
+
+def to_model_input(
+    images: np.ndarray, mean: Sequence[float], std: Sequence[float], size: int, device: torch.device
+) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) -> the model's normalized input: its own mean and std (from the
+    checkpoint; published TTA code used ImageNet's for every ViT) at its input size (bicubic)."""
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float() / 255
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+    mean_t = torch.tensor(tuple(mean), device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(tuple(std), device=device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
 
 
 @dataclass

@@ -118,6 +118,5 @@ class EATA(Adapter):
             self.optimizer.step()
         return logits.detach()
 
-    def reset(self) -> None:
-        super().reset()
-        self.mean_probs = None
+    # reset() restores weights and optimizer only: the mean-prediction EMA carries over, as in the
+    # reference (its reset between corruptions keeps ``current_model_probs``)

@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from selfsup.checkpoint import CheckpointMeta, load_backbone, read_meta
 from selfsup.errors import UsageError
 from selfsup.tta.adapter import Adapter, NormStats, Source
-from selfsup.tta.benchmark import CorruptionSet, labels_of, stream
+from selfsup.tta.benchmark import CorruptionSet, labels_of, stream, to_model_input
 from selfsup.tta.eata import EATA
-from selfsup.tta.memo import MEMO
+from selfsup.tta.memo import MEMO, default_settings
 from selfsup.tta.sar import SAR
 from selfsup.tta.settings import TTAConfig
 from selfsup.tta.tent import Tent
@@ -41,24 +40,24 @@ def load_classifier(path: str) -> tuple[nn.Module, CheckpointMeta]:
 
 
 class Inputs:
-    """uint8 images (B, H, W, 3) -> the model's normalized input: its own mean and std (from the
-    checkpoint; published TTA code used ImageNet's for every ViT) at its input size (bicubic)."""
+    """uint8 images -> the classifier's normalized input (:func:`to_model_input`)."""
 
     def __init__(self, meta: CheckpointMeta, device: torch.device):
-        self.size, self.device = meta.img_size, device
-        self.mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1)
+        self.meta, self.device = meta, device
 
     def __call__(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True).clamp(0, 1)
-        return (x - self.mean) / self.std
+        return to_model_input(images, self.meta.mean, self.meta.std, self.meta.img_size, self.device)
 
 
 def build_adapter(
-    method: str, model: nn.Module, config: TTAConfig, meta: CheckpointMeta, clean: Callable | None
+    method: str,
+    model: nn.Module,
+    config: TTAConfig,
+    meta: CheckpointMeta,
+    clean: Callable | None,
+    native_size: int,
 ) -> Adapter:
+    """``native_size``: the test images' own side (MEMO's crops and defaults depend on it)."""
     lr = config.entropy_lr
     if method == "source":
         return Source(model)
@@ -72,11 +71,12 @@ def build_adapter(
     if method in ("eta", "eata"):
         s = config.eata
         batches = clean(s.fisher_size) if method == "eata" else None
+        d_margin = s.d_margin if s.d_margin is not None else (0.05 if meta.num_classes >= 1000 else 0.4)
         return EATA(
             model,
             lr,
             e_margin_coeff=s.e_margin_coeff,
-            d_margin=s.d_margin,
+            d_margin=d_margin,
             fisher_alpha=s.fisher_alpha,
             clean_batches=batches,
         )
@@ -84,9 +84,17 @@ def build_adapter(
         s = config.sar
         return SAR(model, lr, rho=s.rho, e_margin_coeff=s.e_margin_coeff, reset_below=s.reset_below)
     if method == "memo":
+        optimizer, lr, weight_decay, views = default_settings(native_size)
         s = config.memo
         return MEMO(
-            model, meta.mean, meta.std, lr=s.lr, weight_decay=s.weight_decay, views=s.views, seed=config.seed
+            model,
+            meta.mean,
+            meta.std,
+            optimizer=s.optimizer or optimizer,
+            lr=s.lr if s.lr is not None else lr,
+            weight_decay=s.weight_decay if s.weight_decay is not None else weight_decay,
+            views=s.views or views,
+            seed=config.seed,
         )
     raise UsageError(f"unknown method {method}")
 
@@ -130,6 +138,7 @@ class Benchmark:
                 f"{config.checkpoint} predicts {n_classes} classes: the set and the classifier do not match"
             )
         self.clean_images = corruption_set.clean()
+        self.native_size = corruption_set.images(names[0], config.severity).shape[1]
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
             if config.mixed_precision == "bf16"
@@ -150,25 +159,28 @@ class Benchmark:
             yield self.inputs(self.clean_images[order[start : start + self.config.batch_size]])
 
     def _clean_top1(self, adapter: Adapter) -> float | None:
+        """Clean top-1 of the model as adapted, on the clean twins of the test images (the same
+        seeded subset when ``limit`` is set); not adapting, not counted in the passes."""
         if self.clean_images is None:
             return None
+        order = np.random.default_rng(self.config.seed).permutation(len(self.labels))[: self._n()]
         correct = 0
-        n = len(self.labels) if self.config.limit is None else min(self.config.limit, len(self.labels))
-        for start in range(0, n, 256):
-            x = self.inputs(self.clean_images[start : min(start + 256, n)])
-            correct += int(
-                (adapter.predict(x).argmax(1).cpu().numpy() == self.labels[start : start + len(x)]).sum()
-            )
-        return 100.0 * correct / n
+        with torch.no_grad():
+            for start in range(0, len(order), 256):
+                index = order[start : start + 256]
+                logits = adapter.model(self.inputs(self.clean_images[index]))
+                correct += int((logits.argmax(1).cpu().numpy() == self.labels[index]).sum())
+        return 100.0 * correct / len(order)
 
     def run(self, method: str) -> MethodResult:
         config = self.config
         model = copy.deepcopy(self.original)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         torch.manual_seed(config.seed)
-        adapter = build_adapter(method, model, config, self.meta, self.clean_batches)
+        adapter = build_adapter(method, model, config, self.meta, self.clean_batches, self.native_size)
         adapter.forwards = adapter.backwards = 0  # Fisher estimation is set-up, not test-time cost
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)  # ... and so is its memory
         correct = np.zeros(len(self.names))
         seen = np.zeros(len(self.names))
         batches = stream(
@@ -188,17 +200,21 @@ class Benchmark:
                 adapter.reset()
             first = False
             x = self.inputs(batch.images)
+            raw = {"raw": batch.images} if isinstance(adapter, MEMO) else {}
             if self.autocast is not None:
                 with self.autocast:
-                    logits = adapter(x)
+                    logits = adapter(x, **raw)
             else:
-                logits = adapter(x)
+                logits = adapter(x, **raw)
             hits = logits.argmax(1).cpu().numpy() == batch.labels
             np.add.at(correct, batch.sources, hits)
             np.add.at(seen, batch.sources, 1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        clean = self._clean_top1(adapter)
         memory, kind = peak_memory(self.device)
+        passes = adapter.forwards, adapter.backwards
+        clean = self._clean_top1(adapter)
         errors = {name: 100.0 * (1 - c / s) for name, c, s in zip(self.names, correct, seen)}
         extra = {}
         if hasattr(adapter, "kept"):
@@ -210,8 +226,7 @@ class Benchmark:
             errors,
             float(np.mean(list(errors.values()))),
             clean,
-            adapter.forwards,
-            adapter.backwards,
+            *passes,
             seconds,
             int(seen.sum()),
             memory,

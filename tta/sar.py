@@ -98,7 +98,14 @@ class SAR(Adapter):
         entropy = softmax_entropy(logits)
         reliable = torch.nonzero(entropy.detach() < self.e_margin).flatten()
         if len(reliable) == 0:
-            return logits.detach()  # nothing reliable to learn from: no step
+            # nothing reliable: no gradient, but the reference still steps, on momentum alone (its
+            # mean over no samples back-propagates zeros), and checks for recovery
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._recover_if_collapsed()
+            return logits.detach()
         self.backward(entropy[reliable].mean())
         self.sam.ascend()
         second = softmax_entropy(self.forward(images[reliable]))
@@ -112,11 +119,20 @@ class SAR(Adapter):
         self.backward(loss)
         self.kept += len(still)
         self.sam.descend()
-        if self.loss_ema is not None and self.loss_ema < self.reset_below:
-            self.reset()  # model recovery: collapsed onto confident predictions
-            self.recoveries += 1
+        self._recover_if_collapsed()
         return logits.detach()
 
+    def _recover_if_collapsed(self) -> None:
+        """Model recovery: back to the original weights when the loss EMA says the model collapsed
+        onto confident predictions. The EMA survives the recovery (as in the reference), so recovery
+        repeats until the loss rises again."""
+        if self.loss_ema is not None and self.loss_ema < self.reset_below:
+            ema = self.loss_ema
+            self.reset()
+            self.loss_ema = ema
+            self.recoveries += 1
+
     def reset(self) -> None:
+        """Before a new corruption (reset protocol): weights, optimizer and loss EMA."""
         super().reset()
         self.loss_ema = None

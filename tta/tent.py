@@ -5,7 +5,8 @@ same forward pass, updating only the affine parameters of the normalization laye
 paper and its reference implementation (DequanWang/tent): SGD with momentum 0.9; BatchNorm layers
 normalise with the test batch's statistics (no running averages); the rest of the network stays in
 eval mode, so dropout and drop path are off. For ViTs the norms are LayerNorms (their statistics are
-per token already) and the lr scales with the batch, (0.001 / 64) x batch size.
+per token already); the lr rule for ViTs, (0.001 / 64) x batch size, is SAR's (mr-eggplant/SAR, used
+there for Tent, EATA and SAR alike).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ __all__ = ["Tent", "softmax_entropy", "vit_lr"]
 
 
 def vit_lr(batch_size: int) -> float:
-    """Tent's (and SAR's) lr for ViTs: 0.001 per 64 images."""
+    """The ViT lr of SAR's reference code for Tent, EATA and SAR: 0.001 per 64 images."""
     return 0.001 / 64 * batch_size
 
 
