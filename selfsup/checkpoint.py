@@ -30,8 +30,9 @@ from torch import nn
 from selfsup.errors import UsageError
 from selfsup.files import atomic_write_bytes
 from selfsup.models import BackboneSpec, create_backbone, is_vit, timm_pretrained_cfg, timm_rebuild_args
+from selfsup.shapes import apply_shapes
 
-FORMAT_VERSION = 3  # 2: the `timm` section (stock-timm rebuild recipe); 3: parent_sha256
+FORMAT_VERSION = 4  # 2: the `timm` section (stock-timm rebuild recipe); 3: parent_sha256; 4: shapes
 # classifier heads in timm's models: ViTs (a distilled DeiT has two), ConvNeXt (head.fc), ResNets, EfficientNets
 HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
 
@@ -69,6 +70,9 @@ class CheckpointMeta:
     timm: dict[str, Any] = field(default_factory=dict)
     # SHA-256 of the checkpoint this one was trained from ("" for a start from random weights)
     parent_sha256: str = ""
+    # modules whose sizes differ from the architecture's (a structurally pruned model): see
+    # selfsup.shapes; applied before the weights load, with plain torch
+    shapes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> BackboneSpec:
@@ -271,6 +275,8 @@ def load_backbone(
     if drop_path_rate is not None:
         spec.drop_path_rate = drop_path_rate
     model = create_backbone(spec, num_classes=num_classes)
+    if meta.shapes:
+        apply_shapes(model, meta.shapes)
     if spec.pos_embed == "sincos" and "pos_embed" in state:
         state["pos_embed"] = (
             model.pos_embed.detach().clone()

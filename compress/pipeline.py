@@ -1,0 +1,221 @@
+"""The ``compress`` command's work: original -> pruned -> recovered -> INT8, each variant measured the
+same way, saved, and written up."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from selfsup.checkpoint import (
+    CheckpointMeta,
+    content_hash,
+    load_backbone,
+    read_meta,
+    save_checkpoint,
+    weights_path,
+)
+from selfsup.compress import measure, summary
+from selfsup.compress.prune import count, prune_l1
+from selfsup.compress.quantize import check_export, export_onnx, quantize, session
+from selfsup.compress.recover import recover, train_transform
+from selfsup.compress.settings import CompressConfig
+from selfsup.config import save_config, to_dict
+from selfsup.data import DataOptions, build_dataset
+from selfsup.errors import UsageError
+from selfsup.files import atomic_write_bytes, ensure_writable_dir
+from selfsup.models import create_backbone
+from selfsup.precision import describe_cpu
+from selfsup.shapes import shape_manifest
+from selfsup.transforms import eval_transform
+
+
+def load_classifier(path: str) -> tuple[nn.Module, CheckpointMeta]:
+    meta = read_meta(path)
+    if meta.num_classes <= 0:
+        raise UsageError(
+            f"{path} is a backbone without a classifier head (stage {meta.stage!r}); compression measures a "
+            "classifier's accuracy: fine-tune it first (finetune --checkpoint ...) and pass its best.safetensors"
+        )
+    model, meta = load_backbone(path, num_classes=meta.num_classes, drop_path_rate=0.0)
+    return model.eval(), meta
+
+
+def _options(config: CompressConfig) -> DataOptions:
+    return DataOptions(root=config.data_root, val_fraction=config.val_fraction, seed=config.seed)
+
+
+def stacked(dataset, limit: int | None, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A (transformed) map-style split as one float32 array of images and one of labels."""
+    index = np.arange(len(dataset)) if order is None else order
+    index = index[:limit] if limit is not None else index
+    pairs = [dataset[int(i)] for i in index]
+    return np.stack([p[0].numpy() for p in pairs]).astype(np.float32), np.array([p[1] for p in pairs])
+
+
+def _check_classes(meta: CheckpointMeta, classes, dataset: str, path: str) -> None:
+    if list(meta.class_names) != list(classes):
+        raise UsageError(
+            f"{path} predicts {meta.num_classes} classes ({', '.join(meta.class_names[:4])}, ...) but {dataset} has "
+            f"{len(classes)} ({', '.join(list(classes)[:4])}, ...): pass the dataset the classifier was fine-tuned on"
+        )
+
+
+def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    original, meta = load_classifier(config.checkpoint)
+    _, info = build_dataset(config.dataset, "val", None, _options(config))
+    # fine-tuning's evaluation transform: small images whole (no centre crop), larger ones at 0.875
+    transform = eval_transform(meta.img_size, meta.mean, meta.std, info.image_size)
+    val, _ = build_dataset(config.dataset, "val", transform, _options(config))
+    _check_classes(meta, info.classes, config.dataset, config.checkpoint)
+    out = ensure_writable_dir(config.out, "--out")
+    save_config(config, out / "config.yaml")
+    images, labels = stacked(val, config.limit)
+    example = torch.from_numpy(images[:1])
+    reference = measure.predictions(measure.torch_predict(original), images)
+    variants: list[measure.Variant] = []
+
+    def add(name: str, predict, file_bytes: int, model: nn.Module | None = None, note: str = "") -> None:
+        preds = reference if name == "original (fp32)" else measure.predictions(predict, images)
+        macs, params = count(model, example) if model is not None else (None, None)
+        variant = measure.Variant(
+            name,
+            100.0 * float((preds == labels).mean()),
+            100.0 * float((preds == reference).mean()),
+            params,
+            macs,
+            file_bytes,
+            {
+                b: measure.latency_ms(predict, images, b, config.latency_repeats)
+                for b in config.latency_batches
+            },
+            note,
+        )
+        variants.append(variant)
+        print(f"{name}: top-1 {variant.top1:.2f}%, {variant.file_bytes / 1e6:.2f} MB", file=sys.stderr)
+
+    add(
+        "original (fp32)",
+        measure.torch_predict(original),
+        weights_path(config.checkpoint).stat().st_size,
+        original,
+    )
+    final, final_name = original, "original"
+    if config.prune == "l1":
+        pruned = copy.deepcopy(original)
+        result = prune_l1(pruned, example, config.target_macs)
+        print(
+            f"pruned to {100 * result.macs_ratio:.1f}% of the MACs ({result.params_after:,} of "
+            f"{result.params_before:,} parameters)",
+            file=sys.stderr,
+        )
+        path = _save_pruned(out / "pruned", pruned, meta, config, "pruned")
+        add(
+            "pruned",
+            measure.torch_predict(pruned),
+            path.stat().st_size,
+            pruned,
+            f"L1, target {config.target_macs:g}",
+        )
+        final, final_name = pruned, "pruned"
+        if config.recover_epochs:
+            train, _ = build_dataset(
+                config.dataset,
+                "train",
+                train_transform(meta.img_size, info.image_size, meta.mean, meta.std),
+                _options(config),
+            )
+            teacher = _teacher(config, original)
+            recover(
+                pruned,
+                train,
+                epochs=config.recover_epochs,
+                batch_size=config.batch_size,
+                lr=config.recover_lr,
+                teacher=teacher,
+                temperature=config.kd_temperature,
+                alpha=config.kd_alpha,
+                seed=config.seed,
+                num_workers=config.num_workers,
+                progress=config.progress_bar,
+            )
+            path = _save_pruned(out / "pruned", pruned, meta, config, "pruned+recovered")
+            how = (
+                "distilled from "
+                + ("the unpruned model" if config.teacher == "self" else str(config.teacher))
+                if teacher
+                else "labels only"
+            )
+            add(
+                "pruned + recovered",
+                measure.torch_predict(pruned),
+                path.stat().st_size,
+                pruned,
+                f"{config.recover_epochs} epochs, {how}",
+            )
+            final_name = "pruned + recovered"
+    if config.quantize != "none":
+        calibration = None
+        if config.quantize == "int8-static":
+            train_eval, _ = build_dataset(config.dataset, "train", transform, _options(config))
+            order = np.random.default_rng(config.seed).permutation(len(train_eval))
+            cal, _ = stacked(train_eval, config.calibrate, order)
+            calibration = [cal[i : i + 32] for i in range(0, len(cal), 32)]
+        sources = [("original", original)] + ([(final_name, final)] if final is not original else [])
+        for name, model in sources:
+            stem = "original" if model is original else "pruned"
+            fp32 = export_onnx(model, example, out / f"{stem}.fp32.onnx")
+            diff = check_export(model, fp32, torch.from_numpy(images[:8]))
+            int8 = quantize(fp32, out / f"{stem}.int8.onnx", config.quantize, calibration)
+            threads = torch.get_num_threads()
+            add(
+                f"{name} + INT8" if model is not original else "INT8",
+                measure.onnx_predict(session(int8, threads)),
+                int8.stat().st_size,
+                None,
+                f"{config.quantize}, ONNX Runtime; fp32 ONNX {fp32.stat().st_size / 1e6:.2f} MB, matches torch to {diff:.1e}",
+            )
+            variants[-1].fp32_onnx_bytes = fp32.stat().st_size
+    facts = [
+        f"**Classifier** `{config.checkpoint}` ({meta.spec.arch}, {meta.num_classes} classes, {meta.img_size} px).",
+        f"**Validation** {config.dataset}, {len(labels)} images (the split fine-tuning validated on).",
+        f"**Machine** {describe_cpu()}; {torch.get_num_threads()} threads for torch and ONNX Runtime alike; "
+        f"latency: median of {config.latency_repeats} runs after a warm-up, in this process.",
+    ]
+    paths = summary.write(out, "Compression: " + Path(config.checkpoint).name, facts, variants)
+    payload = {"config": to_dict(config), "variants": [dataclasses.asdict(v) for v in variants]}
+    atomic_write_bytes(out / "metrics.json", json.dumps(payload, indent=2).encode())
+    return summary.markdown_table(variants), paths
+
+
+def _teacher(config: CompressConfig, original: nn.Module) -> nn.Module | None:
+    if config.teacher is None:
+        return None
+    if config.teacher == "self":
+        return original
+    teacher, _ = load_classifier(config.teacher)
+    return teacher
+
+
+def _save_pruned(
+    path: Path, model: nn.Module, meta: CheckpointMeta, config: CompressConfig, what: str
+) -> Path:
+    """The pruned classifier in the project format: the sidecar's shape manifest rebuilds it with plain torch."""
+    reference = create_backbone(meta.spec, num_classes=meta.num_classes)
+    pruned_meta = dataclasses.replace(
+        meta,
+        stage="compress",
+        config={"compress": to_dict(config), "variant": what},
+        parent_sha256=content_hash(config.checkpoint),
+        shapes=shape_manifest(model, reference),
+        timm={},  # stock timm cannot build the pruned shapes
+    )
+    return save_checkpoint(path, model.state_dict(), pruned_meta)
