@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # The whole pipeline on scikit-learn's digits: pretrain -> evaluate -> fine-tune (each: SSL vs random init)
-# -> test-time adaptation on a regenerated corruption (source vs Tent).
+# -> test-time adaptation on a regenerated corruption (source vs Tent) -> INT8 deployment (fp32 vs INT8).
 demo: $(STAMP)
 	$(VENV)/bin/pretrain --config configs/pretrain/digits_cpu.yaml out=$(DEMO)/pretrain resume=auto
 	$(VENV)/bin/probe --checkpoint $(DEMO)/pretrain/backbone.safetensors --compare-random-init \
@@ -38,7 +38,9 @@ demo: $(STAMP)
 		--out $(DEMO)/digits-c
 	$(VENV)/bin/tta --checkpoint $(DEMO)/finetune/best.safetensors --dataset $(DEMO)/digits-c \
 		--corruptions contrast --severity 3 --method source,tent --batch-size 16 --out $(DEMO)/tta
-	@echo "demo done: open $(DEMO)/probe/report.html, $(DEMO)/finetune/report.html and $(DEMO)/tta/report.html"
+	$(VENV)/bin/compress --checkpoint $(DEMO)/finetune/best.safetensors --dataset digits \
+		--quantize int8-dynamic --out $(DEMO)/compress
+	@echo "demo done: open $(DEMO)/probe/report.html, $(DEMO)/finetune/report.html, $(DEMO)/tta/report.html and $(DEMO)/compress/report.html"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

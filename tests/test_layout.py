@@ -8,7 +8,7 @@ import sys
 
 from conftest import REPO
 
-SOURCE_DIRS = ("selfsup", "ssl", "finetune", "tta", "eval")
+SOURCE_DIRS = ("selfsup", "ssl", "finetune", "tta", "compress", "eval")
 
 
 def test_ssl_and_selfsup_are_implicit_namespace_packages():
@@ -27,7 +27,7 @@ def test_from_repo_root_ssl_is_the_standard_library_and_selfsup_ssl_is_ours():
 
 
 def test_every_stage_imports_under_the_selfsup_namespace():
-    code = "import selfsup.ssl, selfsup.finetune, selfsup.tta, selfsup.eval, selfsup.data, selfsup.checkpoint"
+    code = "import selfsup.ssl, selfsup.finetune, selfsup.tta, selfsup.compress, selfsup.eval, selfsup.data, selfsup.checkpoint"
     subprocess.run([sys.executable, "-c", code], cwd="/", check=True)
 
 
@@ -49,6 +49,7 @@ STAGE_OF_PACKAGE = {
     "selfsup.eval": "eval",
     "selfsup.finetune": "finetune",
     "selfsup.tta": "tta",
+    "selfsup.compress": "compress",
 }
 # The one crossing allowed (issue 9's brief): pretraining's collapse monitor (ssl/monitor.py) runs
 # eval's kNN protocol, a pure function over tensors, rather than keep a second copy of it.
@@ -105,7 +106,7 @@ def test_the_core_imports_no_stage():
     assert [(f, m) for f, side, m in _project_imports() if side == "core" and _owner(m) != "core"] == []
 
 
-def test_eval_finetune_and_tta_never_import_ssl():
+def test_eval_finetune_tta_and_compress_never_import_ssl():
     assert [(f, m) for f, side, m in _project_imports() if side != "ssl" and _owner(m) == "ssl"] == []
 
 

@@ -1,0 +1,93 @@
+"""INT8 (ONNX Runtime dynamic quantization) against fp32 (torch eager and the fp32 ONNX in ONNX Runtime):
+latency at batch 1 and throughput at batch 32, the ratios in one run, same process and threads.
+
+Random weights are fine for timing (the arithmetic is the same); accuracy is the compress report's job.
+The CPU's int8 instructions decide the result: AVX2 only (no VNNI) runs u8 x s8 products with 7-bit
+weights (``reduce_range``); AVX-512 VNNI or AMX run them natively.
+
+    .venv/bin/python benchmarks/bench_int8.py
+    .venv/bin/python benchmarks/bench_int8.py --cases vit_tiny32_p4 --repeats 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfsup.compress.measure import latency_ms, onnx_predict, torch_predict
+from selfsup.compress.quantize import cpu_has_vnni, export_onnx, quantize, session
+from selfsup.models import BackboneSpec, create_backbone
+from selfsup.precision import describe_cpu
+
+CASES = {
+    "vit_small16_224": BackboneSpec("moco_vit_small", 224, 16, pos_embed="learned"),
+    # the fine-tuned CIFAR-10 subset classifier's shape (README results)
+    "vit_tiny32_p4": BackboneSpec(
+        "moco_vit_tiny", 32, 4, pos_embed="learned", extra={"depth": 4, "embed_dim": 128, "num_heads": 4}
+    ),
+}
+
+
+def measure(case: str, repeats: int, batch: int) -> dict:
+    spec = CASES[case]
+    torch.manual_seed(0)
+    model = create_backbone(spec, 10).eval()
+    images = np.random.default_rng(0).standard_normal((batch, 3, spec.img_size, spec.img_size)).astype(np.float32)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder:
+        fp32 = export_onnx(model, torch.from_numpy(images[:2]), Path(folder) / "m.onnx")
+        int8 = quantize(fp32, Path(folder) / "m.int8.onnx", "int8-dynamic")
+        runs = {
+            "torch fp32": torch_predict(model),
+            "onnxruntime fp32": onnx_predict(session(fp32, threads)),
+            "onnxruntime int8": onnx_predict(session(int8, threads)),
+        }
+        sizes = {"fp32 onnx MB": fp32.stat().st_size / 1e6, "int8 onnx MB": int8.stat().st_size / 1e6}
+        ms = {name: {b: latency_ms(fn, images, b, repeats) for b in (1, batch)} for name, fn in runs.items()}
+    return {
+        "case": case,
+        "threads": threads,
+        "ms": ms,
+        **sizes,
+        "int8_speedup_b1_vs_torch": ms["torch fp32"][1] / ms["onnxruntime int8"][1],
+        "int8_speedup_b1_vs_ort_fp32": ms["onnxruntime fp32"][1] / ms["onnxruntime int8"][1],
+        f"int8_throughput_ratio_b{batch}_vs_torch": ms["torch fp32"][batch] / ms["onnxruntime int8"][batch],
+        f"int8_throughput_ratio_b{batch}_vs_ort_fp32": ms["onnxruntime fp32"][batch] / ms["onnxruntime int8"][batch],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# machine: {describe_cpu()}; VNNI: {cpu_has_vnni()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    b = args.batch
+    print(
+        f"| case | torch fp32 ms @1 | ORT fp32 ms @1 | ORT int8 ms @1 | int8 / torch speed-up @1 | "
+        f"torch fp32 img/s @{b} | ORT int8 img/s @{b} | int8 / torch throughput @{b} | int8 / ORT fp32 @{b} | size fp32 -> int8 (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for case in args.cases:
+        r = measure(case, args.repeats, b)
+        ms = r["ms"]
+        print(
+            f"| {case} | {ms['torch fp32'][1]:.2f} | {ms['onnxruntime fp32'][1]:.2f} | {ms['onnxruntime int8'][1]:.2f} | "
+            f"{r['int8_speedup_b1_vs_torch']:.2f} | {1000 * b / ms['torch fp32'][b]:.0f} | "
+            f"{1000 * b / ms['onnxruntime int8'][b]:.0f} | {r[f'int8_throughput_ratio_b{b}_vs_torch']:.2f} | "
+            f"{r[f'int8_throughput_ratio_b{b}_vs_ort_fp32']:.2f} | {r['fp32 onnx MB']:.2f} -> {r['int8 onnx MB']:.2f} |"
+        )
+        print("# " + json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
