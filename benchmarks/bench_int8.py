@@ -37,7 +37,9 @@ def measure(case: str, repeats: int, batch: int) -> dict:
     spec = CASES[case]
     torch.manual_seed(0)
     model = create_backbone(spec, 10).eval()
-    images = np.random.default_rng(0).standard_normal((batch, 3, spec.img_size, spec.img_size)).astype(np.float32)
+    images = (
+        np.random.default_rng(0).standard_normal((batch, 3, spec.img_size, spec.img_size)).astype(np.float32)
+    )
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(model, torch.from_numpy(images[:2]), Path(folder) / "m.onnx")
@@ -57,7 +59,8 @@ def measure(case: str, repeats: int, batch: int) -> dict:
         "int8_speedup_b1_vs_torch": ms["torch fp32"][1] / ms["onnxruntime int8"][1],
         "int8_speedup_b1_vs_ort_fp32": ms["onnxruntime fp32"][1] / ms["onnxruntime int8"][1],
         f"int8_throughput_ratio_b{batch}_vs_torch": ms["torch fp32"][batch] / ms["onnxruntime int8"][batch],
-        f"int8_throughput_ratio_b{batch}_vs_ort_fp32": ms["onnxruntime fp32"][batch] / ms["onnxruntime int8"][batch],
+        f"int8_throughput_ratio_b{batch}_vs_ort_fp32": ms["onnxruntime fp32"][batch]
+        / ms["onnxruntime int8"][batch],
     }
 
 
@@ -66,11 +69,15 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: torch's default)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# machine: {describe_cpu()}; VNNI: {cpu_has_vnni()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"# machine: {describe_cpu()}; VNNI: {cpu_has_vnni()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     b = args.batch
     print(
         f"| case | torch fp32 ms @1 | ORT fp32 ms @1 | ORT int8 ms @1 | int8 / torch speed-up @1 | "

@@ -4,7 +4,10 @@ batch 1 and 32 (median of repeats, same process and threads) with the throughput
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +46,7 @@ class Variant:
     latency_ms: dict[int, float] = field(default_factory=dict)  # batch -> median ms per batch
     note: str = ""
     fp32_onnx_bytes: int | None = None  # INT8 variants: the size of the fp32 ONNX they were quantized from
+    peak_mib: float | None = None  # peak memory of one inference at the largest latency batch (see below)
 
     def throughput(self, batch: int) -> float:
         return 1000.0 * batch / self.latency_ms[batch]
@@ -62,3 +66,49 @@ def latency_ms(predict: Predict, images: np.ndarray, batch: int, repeats: int) -
         predict(x)
         times.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times)
+
+
+# Run in a fresh process per variant: one process running every variant cannot tell their peaks apart.
+_PEAK_SCRIPT = """
+import json, os, resource, sys
+import numpy as np
+kind, path, shape, threads = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+import torch
+torch.set_num_threads(threads)
+from selfsup.checkpoint import load_backbone, read_meta
+from selfsup.compress.quantize import run_onnx, session
+import onnxruntime
+torch.nn.functional.layer_norm(torch.ones(64, 64) @ torch.ones(64, 64), (64,))  # the runtime's own start-up
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+before = rss()
+if kind == "torch":
+    model, _ = load_backbone(path, num_classes=read_meta(path).num_classes, drop_path_rate=0.0)
+    with torch.no_grad():
+        model.eval()(torch.from_numpy(x))
+else:
+    run_onnx(session(path, threads), x)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(max(peak - before, 0) / 2**20))
+"""
+
+
+def peak_memory_mib(kind: str, path, shape: tuple[int, ...], threads: int) -> float | None:
+    """Peak resident memory (MiB) a fresh process adds, after its imports and a first torch op, to load the variant at
+    ``path`` (``kind``: torch checkpoint or onnx) and run one batch of ``shape``; None where the
+    platform has no /proc (not Linux) or the child fails."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, kind, str(path), json.dumps(list(shape)), str(threads)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        return float(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None

@@ -83,7 +83,10 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
     reference = measure.predictions(measure.torch_predict(original), images)
     variants: list[measure.Variant] = []
 
-    def add(name: str, predict, file_bytes: int, model: nn.Module | None = None, note: str = "") -> None:
+    def add(
+        name: str, predict, file_bytes: int, model: nn.Module | None = None, note: str = "", stored=None
+    ) -> None:
+        """Measure a variant; ``stored``: (kind, path) of its file, for the peak-memory child process."""
         preds = reference if name == "original (fp32)" else measure.predictions(predict, images)
         macs, params = count(model, example) if model is not None else (None, None)
         variant = measure.Variant(
@@ -99,6 +102,9 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
             },
             note,
         )
+        if stored is not None and config.measure_memory:
+            shape = (max(config.latency_batches), *images.shape[1:])
+            variant.peak_mib = measure.peak_memory_mib(*stored, shape, torch.get_num_threads())
         variants.append(variant)
         print(f"{name}: top-1 {variant.top1:.2f}%, {variant.file_bytes / 1e6:.2f} MB", file=sys.stderr)
 
@@ -107,6 +113,7 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
         measure.torch_predict(original),
         weights_path(config.checkpoint).stat().st_size,
         original,
+        stored=("torch", weights_path(config.checkpoint)),
     )
     final, final_name = original, "original"
     if config.prune == "l1":
@@ -124,6 +131,7 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
             path.stat().st_size,
             pruned,
             f"L1, target {config.target_macs:g}",
+            ("torch", path),
         )
         final, final_name = pruned, "pruned"
         if config.recover_epochs:
@@ -160,6 +168,7 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
                 path.stat().st_size,
                 pruned,
                 f"{config.recover_epochs} epochs, {how}",
+                ("torch", path),
             )
             final_name = "pruned + recovered"
     if config.quantize != "none":
@@ -182,6 +191,7 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
                 int8.stat().st_size,
                 None,
                 f"{config.quantize}, ONNX Runtime; fp32 ONNX {fp32.stat().st_size / 1e6:.2f} MB, matches torch to {diff:.1e}",
+                ("onnx", int8),
             )
             variants[-1].fp32_onnx_bytes = fp32.stat().st_size
     facts = [

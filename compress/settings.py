@@ -28,6 +28,8 @@ class CompressConfig:
     latency_batches: list[int] = field(default_factory=lambda: [1, 32])
     latency_repeats: int = 20
     limit: int | None = None  # first N validation images only
+    # peak memory of each variant, measured in a fresh process (a few seconds each); false: skipped
+    measure_memory: bool = True
     seed: int = 0
     threads: int | None = None
     num_workers: int = 0

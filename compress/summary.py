@@ -21,7 +21,11 @@ def _millions(value: int | None) -> str:
 def table(variants: list[Variant]) -> Block:
     batches = sorted({b for v in variants for b in v.latency_ms})
     headers = ["variant", "top-1", "agreement", "params (M)", "MMACs", "file (MB)"]
-    headers += [f"ms @ {b}" for b in batches] + [f"img/s @ {max(batches)}", "notes"]
+    headers += [f"ms @ {b}" for b in batches] + [
+        f"img/s @ {max(batches)}",
+        f"peak MiB @ {max(batches)}",
+        "notes",
+    ]
     rows = [
         [
             v.name,
@@ -32,6 +36,7 @@ def table(variants: list[Variant]) -> Block:
             f"{v.file_bytes / 1e6:.2f}",
             *(f"{v.latency_ms[b]:.2f}" for b in batches),
             f"{v.throughput(max(batches)):.0f}",
+            "–" if v.peak_mib is None else f"{v.peak_mib:.0f}",
             v.note,
         ]
         for v in variants
@@ -92,7 +97,10 @@ def write(out: Path, title: str, facts: list[str], variants: list[Variant]) -> d
         *(Block("p", f) for f in facts),
         Block("h2", "Variants"),
         Block(
-            "p", "Agreement: share of validation images whose top-1 prediction equals the original model's."
+            "p",
+            "Agreement: share of validation images whose top-1 prediction equals the original model's. Peak "
+            "memory: resident memory a fresh process adds, after its imports and a first torch op, to load the variant and run one "
+            "batch (Linux).",
         ),
         table(variants),
         Block("img", str(figure.relative_to(out))),
