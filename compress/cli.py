@@ -1,5 +1,5 @@
 """``compress --checkpoint CLASSIFIER --dataset NAME [--prune l1 --target-macs 0.5] [--recover-epochs N
-[--teacher self]] [--quantize int8-dynamic|int8-static] [--calibrate N] --out DIR [key=value ...]``.
+[--teacher self]] [--quantize int8-dynamic|int8-static|int8-pt2e] [--calibrate N] --out DIR [key=value ...]``.
 
 Writes OUT/report.html/md and OUT/metrics.json (every variant's accuracy, agreement with the original,
 parameters, MACs, size, latency), OUT/pruned.safetensors (+ .json) and OUT/*.onnx. Exit codes: 0 done,
@@ -42,7 +42,10 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     parser.add_argument("--target-macs", help="pruned MACs as a share of the original's, in (0, 1)")
     parser.add_argument("--recover-epochs", help="fine-tuning epochs after pruning")
     parser.add_argument("--teacher", help="self (the unpruned model) or a classifier checkpoint")
-    parser.add_argument("--quantize", help="int8-dynamic (ViTs) or int8-static (CNNs; calibrated)")
+    parser.add_argument(
+        "--quantize",
+        help="int8-dynamic (ViTs), int8-static (CNNs; calibrated): ONNX Runtime; int8-pt2e: torchao",
+    )
     parser.add_argument("--calibrate", help="calibration images for int8-static")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

@@ -19,8 +19,10 @@ from torch import nn
 Predict = Callable[[np.ndarray], np.ndarray]  # normalized images (B, 3, H, W) float32 -> logits
 
 
-def torch_predict(model: nn.Module) -> Predict:
-    model = model.eval()
+def torch_predict(model: nn.Module, set_eval: bool = True) -> Predict:
+    """``set_eval=False`` for exported programs, which are in inference form already (and refuse .eval())."""
+    if set_eval:
+        model = model.eval()
 
     def predict(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -45,7 +47,7 @@ class Variant:
     file_bytes: int
     latency_ms: dict[int, float] = field(default_factory=dict)  # batch -> median ms per batch
     note: str = ""
-    fp32_onnx_bytes: int | None = None  # INT8 variants: the size of the fp32 ONNX they were quantized from
+    fp32_bytes: int | None = None  # INT8 variants: the fp32 file in the same container (ONNX or .pt2)
     peak_mib: float | None = None  # peak memory of one inference at the largest latency batch (see below)
 
     def throughput(self, batch: int) -> float:
@@ -78,13 +80,18 @@ torch.set_num_threads(threads)
 from selfsup.checkpoint import load_backbone, read_meta
 from selfsup.compress.quantize import run_onnx, session
 import onnxruntime
+if kind == "pt2":
+    import torchao.quantization.pt2e.quantize_pt2e  # registers the quantized ops the program calls
 torch.nn.functional.layer_norm(torch.ones(64, 64) @ torch.ones(64, 64), (64,))  # the runtime's own start-up
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 before = rss()
-if kind == "torch":
+if kind == "pt2":
+    with torch.no_grad():
+        torch.export.load(path).module()(torch.from_numpy(x))
+elif kind == "torch":
     model, _ = load_backbone(path, num_classes=read_meta(path).num_classes, drop_path_rate=0.0)
     with torch.no_grad():
         model.eval()(torch.from_numpy(x))

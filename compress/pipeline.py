@@ -23,7 +23,14 @@ from selfsup.checkpoint import (
 )
 from selfsup.compress import measure, summary
 from selfsup.compress.prune import count, prune_l1
-from selfsup.compress.quantize import check_export, export_onnx, quantize, session
+from selfsup.compress.quantize import (
+    check_export,
+    export_onnx,
+    quantize,
+    quantize_pt2e,
+    save_program,
+    session,
+)
 from selfsup.compress.recover import recover, train_transform
 from selfsup.compress.settings import CompressConfig
 from selfsup.config import save_config, to_dict
@@ -173,7 +180,7 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
             final_name = "pruned + recovered"
     if config.quantize != "none":
         calibration = None
-        if config.quantize == "int8-static":
+        if config.quantize in ("int8-static", "int8-pt2e"):
             train_eval, _ = build_dataset(config.dataset, "train", transform, _options(config))
             order = np.random.default_rng(config.seed).permutation(len(train_eval))
             cal, _ = stacked(train_eval, config.calibrate, order)
@@ -181,19 +188,32 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
         sources = [("original", original)] + ([(final_name, final)] if final is not original else [])
         for name, model in sources:
             stem = "original" if model is original else "pruned"
+            label = f"{name} + INT8" if model is not original else "INT8"
+            if config.quantize == "int8-pt2e":
+                predict, int8, fp32 = _pt2e(model, example, calibration, out / stem)
+                add(
+                    label,
+                    predict,
+                    int8.stat().st_size,
+                    None,
+                    "int8-pt2e, torchao + torch.compile",
+                    ("pt2", int8),
+                )
+                variants[-1].fp32_bytes = fp32.stat().st_size
+                continue
             fp32 = export_onnx(model, example, out / f"{stem}.fp32.onnx")
             diff = check_export(model, fp32, torch.from_numpy(images[:8]))
             int8 = quantize(fp32, out / f"{stem}.int8.onnx", config.quantize, calibration)
             threads = torch.get_num_threads()
             add(
-                f"{name} + INT8" if model is not original else "INT8",
+                label,
                 measure.onnx_predict(session(int8, threads)),
                 int8.stat().st_size,
                 None,
                 f"{config.quantize}, ONNX Runtime; fp32 ONNX {fp32.stat().st_size / 1e6:.2f} MB, matches torch to {diff:.1e}",
                 ("onnx", int8),
             )
-            variants[-1].fp32_onnx_bytes = fp32.stat().st_size
+            variants[-1].fp32_bytes = fp32.stat().st_size
     facts = [
         f"**Classifier** `{config.checkpoint}` ({meta.spec.arch}, {meta.num_classes} classes, {meta.img_size} px).",
         f"**Validation** {config.dataset}, {len(labels)} images (the split fine-tuning validated on).",
@@ -204,6 +224,16 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
     payload = {"config": to_dict(config), "variants": [dataclasses.asdict(v) for v in variants]}
     atomic_write_bytes(out / "metrics.json", json.dumps(payload, indent=2).encode())
     return summary.markdown_table(variants), paths
+
+
+def _pt2e(model: nn.Module, example: torch.Tensor, calibration, stem: Path):
+    """torchao's PT2E INT8 saved as ``STEM.int8.pt2`` and compiled by torch.compile for the timings;
+    the fp32 program saved beside it (``STEM.fp32.pt2``) for the same-container size comparison."""
+    two = example[:1].expand(2, *example.shape[1:]).contiguous()
+    fp32 = save_program(torch.export.export(model.eval(), (two,)), f"{stem}.fp32.pt2")
+    program = quantize_pt2e(model, example, calibration)
+    int8 = save_program(program, f"{stem}.int8.pt2")
+    return measure.torch_predict(torch.compile(program.module()), set_eval=False), int8, fp32
 
 
 def _teacher(config: CompressConfig, original: nn.Module) -> nn.Module | None:

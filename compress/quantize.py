@@ -5,6 +5,10 @@ per-channel weights, activation ranges calibrated on images: CNNs).
 torch.ao.quantization (eager/FX) is deprecated and PT2E moved to torchao, so the default path does not
 build on them. Without VNNI (AVX2-only x86) the u8 x s8 products can saturate: weights use 7 bits
 (``reduce_range``), as ONNX Runtime advises.
+
+The pure-PyTorch path (``int8-pt2e``) is torchao's PT2E flow: ``torch.export`` with a dynamic batch,
+``X86InductorQuantizer`` (static, per-channel weights, calibrated activations), then ``torch.compile``
+lowers the quantized graph to int8 kernels. torchao is optional (``pip install 'selfsup[torchao]'``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 from selfsup.errors import UsageError
 from selfsup.files import atomic_write_bytes
 
-MODES = ("int8-dynamic", "int8-static")
+MODES = ("int8-dynamic", "int8-static", "int8-pt2e")  # the last: pure PyTorch (torchao), no ONNX
 
 
 def cpu_has_vnni() -> bool:
@@ -141,3 +145,40 @@ def quantize(
         )
     prepared.unlink(missing_ok=True)
     return dst
+
+
+def quantize_pt2e(
+    model: nn.Module, example: torch.Tensor, calibration: list[np.ndarray]
+) -> torch.export.ExportedProgram:
+    """torchao PT2E static INT8 for x86 (X86InductorQuantizer), calibrated on ``calibration``; returns
+    the quantized program (``.module()`` runs it eagerly; ``torch.compile`` of that runs int8 kernels)."""
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError:
+        raise UsageError(
+            "int8-pt2e needs torchao: pip install 'selfsup[torchao]' (or use int8-dynamic)"
+        ) from None
+    if not calibration:
+        raise UsageError("int8-pt2e needs calibration images: pass --calibrate N (e.g. 256)")
+    if len(example) < 2:  # a batch of 1 would be specialized: trace with 2 for a dynamic batch
+        example = example[:1].expand(2, *example.shape[1:]).contiguous()
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic).module()
+        quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(graph, quantizer)
+        with torch.no_grad():
+            for batch in calibration:
+                prepared(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+        converted = convert_pt2e(prepared)
+        return torch.export.export(converted, (example,), dynamic_shapes=dynamic)
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | Path) -> Path:
+    """``torch.export.save`` (graph and tensors, no pickled code), written atomically."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)

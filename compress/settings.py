@@ -22,8 +22,9 @@ class CompressConfig:
     teacher: str | None = None  # "self" (the unpruned model) or a classifier checkpoint; null: labels only
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5
-    quantize: Literal["none", "int8-dynamic", "int8-static"] = "none"
-    calibrate: int = 256  # training images for int8-static's activation ranges (seeded choice)
+    # int8-dynamic / int8-static: ONNX Runtime; int8-pt2e: torchao PT2E + torch.compile (pure PyTorch)
+    quantize: Literal["none", "int8-dynamic", "int8-static", "int8-pt2e"] = "none"
+    calibrate: int = 256  # training images for int8-static's / int8-pt2e's activation ranges (seeded choice)
     batch_size: int = 128  # recovery and evaluation batch
     latency_batches: list[int] = field(default_factory=lambda: [1, 32])
     latency_repeats: int = 20
@@ -56,4 +57,6 @@ class CompressConfig:
         if not self.checkpoint:
             raise UsageError("no classifier given: pass --checkpoint runs/finetune/best.safetensors")
         if self.prune == "none" and self.quantize == "none":
-            raise UsageError("nothing to do: pass --prune l1 and/or --quantize int8-dynamic|int8-static")
+            raise UsageError(
+                "nothing to do: pass --prune l1 and/or --quantize int8-dynamic|int8-static|int8-pt2e"
+            )

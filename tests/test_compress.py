@@ -138,6 +138,22 @@ def test_static_calibration_is_deterministic(trained, tmp_path):
     assert agreement >= 0.9
 
 
+def test_torchao_pt2e_int8_agrees_with_fp32_and_round_trips(trained, tmp_path):
+    pytest.importorskip("torchao")
+    from selfsup.compress.quantize import quantize_pt2e, save_program
+
+    model, _, x, _ = trained
+    program = quantize_pt2e(model, x[:1], [x[i : i + 32].numpy() for i in range(0, 128, 32)])
+    with torch.no_grad():
+        int8 = program.module()(x)
+        reference = model(x)
+    assert (int8.argmax(1) == reference.argmax(1)).float().mean() >= 0.98
+    assert not torch.equal(int8, reference)  # quantized, not a copy
+    path = save_program(program, tmp_path / "m.int8.pt2")
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(path).module()(x[:5]), int8[:5])
+
+
 @pytest.mark.slow
 def test_the_command_writes_every_variant_on_digits(trained, tmp_path, capsys):
     _, path, _, _ = trained
