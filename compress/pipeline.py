@@ -16,8 +16,7 @@ from torch import nn
 from selfsup.checkpoint import (
     CheckpointMeta,
     content_hash,
-    load_backbone,
-    read_meta,
+    load_classifier,
     save_checkpoint,
     weights_path,
 )
@@ -43,27 +42,19 @@ from selfsup.shapes import shape_manifest
 from selfsup.transforms import eval_transform
 
 
-def load_classifier(path: str) -> tuple[nn.Module, CheckpointMeta]:
-    meta = read_meta(path)
-    if meta.num_classes <= 0:
-        raise UsageError(
-            f"{path} is a backbone without a classifier head (stage {meta.stage!r}); compression measures a "
-            "classifier's accuracy: fine-tune it first (finetune --checkpoint ...) and pass its best.safetensors"
-        )
-    model, meta = load_backbone(path, num_classes=meta.num_classes, drop_path_rate=0.0)
-    return model.eval(), meta
-
-
 def _options(config: CompressConfig) -> DataOptions:
     return DataOptions(root=config.data_root, val_fraction=config.val_fraction, seed=config.seed)
 
 
-def stacked(dataset, limit: int | None, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A (transformed) map-style split as one float32 array of images and one of labels."""
+def stacked(
+    dataset, transform, limit: int | None, order: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A map-style split's images through ``transform`` as one float32 array, and its labels."""
     index = np.arange(len(dataset)) if order is None else order
     index = index[:limit] if limit is not None else index
     pairs = [dataset[int(i)] for i in index]
-    return np.stack([p[0].numpy() for p in pairs]).astype(np.float32), np.array([p[1] for p in pairs])
+    images = np.stack([transform(image).numpy() for image, _ in pairs]).astype(np.float32)
+    return images, np.array([label for _, label in pairs])
 
 
 def _check_classes(meta: CheckpointMeta, classes, dataset: str, path: str) -> None:
@@ -77,15 +68,14 @@ def _check_classes(meta: CheckpointMeta, classes, dataset: str, path: str) -> No
 def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
     if config.threads:
         torch.set_num_threads(config.threads)
-    original, meta = load_classifier(config.checkpoint)
-    _, info = build_dataset(config.dataset, "val", None, _options(config))
+    original, meta = load_classifier(config.checkpoint, "compression")
+    val, info = build_dataset(config.dataset, "val", None, _options(config))
     # fine-tuning's evaluation transform: small images whole (no centre crop), larger ones at 0.875
     transform = eval_transform(meta.img_size, meta.mean, meta.std, info.image_size)
-    val, _ = build_dataset(config.dataset, "val", transform, _options(config))
     _check_classes(meta, info.classes, config.dataset, config.checkpoint)
     out = ensure_writable_dir(config.out, "--out")
     save_config(config, out / "config.yaml")
-    images, labels = stacked(val, config.limit)
+    images, labels = stacked(val, transform, config.limit)
     example = torch.from_numpy(images[:1])
     reference = measure.predictions(measure.torch_predict(original), images)
     variants: list[measure.Variant] = []
@@ -181,9 +171,9 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
     if config.quantize != "none":
         calibration = None
         if config.quantize in ("int8-static", "int8-pt2e"):
-            train_eval, _ = build_dataset(config.dataset, "train", transform, _options(config))
+            train_eval, _ = build_dataset(config.dataset, "train", None, _options(config))
             order = np.random.default_rng(config.seed).permutation(len(train_eval))
-            cal, _ = stacked(train_eval, config.calibrate, order)
+            cal, _ = stacked(train_eval, transform, config.calibrate, order)
             calibration = [cal[i : i + 32] for i in range(0, len(cal), 32)]
         sources = [("original", original)] + ([(final_name, final)] if final is not original else [])
         for name, model in sources:
@@ -241,7 +231,7 @@ def _teacher(config: CompressConfig, original: nn.Module) -> nn.Module | None:
         return None
     if config.teacher == "self":
         return original
-    teacher, _ = load_classifier(config.teacher)
+    teacher, _ = load_classifier(config.teacher, "distillation")
     return teacher
 
 

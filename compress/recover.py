@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from selfsup.distill import hinton_kd
+from selfsup.distill import distillation_loss
 from selfsup.schedules import apply_lr, warmup_cosine
 
 
@@ -68,7 +68,7 @@ def recover(
             if teacher is not None:
                 with torch.no_grad():
                     soft = teacher(images)
-                loss = (1 - alpha) * loss + alpha * hinton_kd(logits, soft, temperature)
+                loss = distillation_loss("hinton", loss, logits, soft, alpha=alpha, temperature=temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

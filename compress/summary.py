@@ -5,11 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
+from selfsup import plots
 from selfsup.compress.measure import Variant
 from selfsup.report import Block, markdown, pct, write_documents
 
@@ -67,22 +63,13 @@ def claims(variants: list[Variant]) -> Block | None:
 
 
 def plot(variants: list[Variant], path: Path) -> Path:
-    batch = max(next(iter(variants)).latency_ms)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for v in variants:
-        ax.scatter(v.latency_ms[batch], v.top1, s=30 + 40 * v.file_bytes / variants[0].file_bytes)
-        ax.annotate(
-            v.name, (v.latency_ms[batch], v.top1), fontsize=8, xytext=(4, 4), textcoords="offset points"
-        )
-    ax.set_xlabel(f"latency at batch {batch} (ms)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("accuracy against latency (marker area: file size)", fontsize=9)
-    ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    batch = max(variants[0].latency_ms)
+    points = {
+        v.name: (v.latency_ms[batch], v.top1, 30 + 40 * v.file_bytes / variants[0].file_bytes)
+        for v in variants
+    }
+    title = "accuracy against latency (marker area: file size)"
+    return plots.plot_labelled_points(points, f"latency at batch {batch} (ms)", "top-1 (%)", title, path)
 
 
 def markdown_table(variants: list[Variant]) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfsup.config import load_config
+from selfsup.config import load_config, parse_command
 from selfsup.errors import exits_cleanly
 from selfsup.finetune.settings import FinetuneConfig
 
@@ -19,6 +19,7 @@ FLAGS = {
     "model": "model",
     "teacher": "distill.teacher",
     "out": "out",
+    "random_init": "random_init",
 }
 
 
@@ -40,19 +41,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     parser.add_argument("--model", help="a timm model name trained from random init instead of a checkpoint")
     parser.add_argument(
         "--random-init",
-        action="store_true",
+        action="store_const",
+        const="true",
         help="the --checkpoint's architecture from random init (baseline)",
     )
     parser.add_argument("--teacher", help="a classifier checkpoint to distil from (distill.teacher=...)")
     parser.add_argument("--out", help="run folder (same as out=...)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)  # key=value before and after the flags
-    overrides = [
-        f"{key}={getattr(args, attr)}" for attr, key in FLAGS.items() if getattr(args, attr) is not None
-    ]
-    if args.random_init:
-        overrides.append("random_init=true")
-    return args.config, overrides + list(args.overrides)
+    args, overrides = parse_command(parser, argv, FLAGS)
+    return args.config, overrides
 
 
 def _pct(value: float | None) -> str:

@@ -292,3 +292,16 @@ def load_backbone(
     meta.img_size = spec.img_size
     meta.backbone = spec.to_dict()
     return model, meta
+
+
+def load_classifier(path: str | Path, needed_by: str) -> tuple[nn.Module, CheckpointMeta]:
+    """A classifier checkpoint (backbone + head, e.g. fine-tune's best.safetensors) in eval mode;
+    a backbone alone is one UsageError naming what ``needed_by`` needs it for."""
+    meta = read_meta(path)
+    if meta.num_classes <= 0:
+        raise UsageError(
+            f"{path} is a backbone without a classifier head (stage {meta.stage!r}); {needed_by} needs a "
+            "classifier: fine-tune it first (finetune --checkpoint ...) and pass its best.safetensors"
+        )
+    model, meta = load_backbone(path, num_classes=meta.num_classes, drop_path_rate=0.0)
+    return model.eval(), meta

@@ -8,6 +8,7 @@ the wrong type is a :class:`~selfsup.errors.UsageError` naming the key (and the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -296,3 +297,17 @@ def save_config(config: Any, path: str | Path) -> Path:
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     atomic_write_bytes(path, text.encode())
     return path
+
+
+def parse_command(
+    parser: argparse.ArgumentParser, argv: list[str] | None, flags: dict[str, str]
+) -> tuple[argparse.Namespace, list[str]]:
+    """Every command's line: named flags plus ``key=value`` overrides anywhere among them.
+
+    ``flags`` maps an argparse destination to the config key it sets; the overrides are those
+    ``key=value`` pairs first, then the positional ones (so a positional override wins).
+    """
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)  # key=value before and after the flags
+    named = [f"{key}={getattr(args, dest)}" for dest, key in flags.items() if getattr(args, dest) is not None]
+    return args, named + list(args.overrides)

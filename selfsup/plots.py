@@ -79,6 +79,21 @@ def plot_grouped_bars(
     return _save(fig, path)
 
 
+def plot_labelled_points(
+    points: dict[str, tuple[float, float, float]], xlabel: str, ylabel: str, title: str, path: Path
+) -> Path:
+    """One labelled marker per name at (x, y) with area ``size``, e.g. accuracy against latency."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y, size) in points.items():
+        ax.scatter(x, y, s=size)
+        ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def embed_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """2-D coordinates by UMAP when installed, else PCA; returns (coords, method)."""
     x = np.asarray(features, dtype=np.float32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfsup.config import load_config
+from selfsup.config import load_config, parse_command
 from selfsup.errors import exits_cleanly
 from selfsup.ssl.settings import PretrainConfig
 
@@ -25,12 +25,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     parser.add_argument("--dataset", help="dataset name (same as dataset=...)")
     parser.add_argument("--data-root", help="folder holding the dataset (same as data_root=...)")
     parser.add_argument("--out", help="run folder (same as out=...)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)  # key=value before and after the flags
-    overrides = [
-        f"{key}={getattr(args, attr)}" for attr, key in FLAGS.items() if getattr(args, attr) is not None
-    ]
-    return args.config, overrides + list(args.overrides)
+    args, overrides = parse_command(parser, argv, FLAGS)
+    return args.config, overrides
 
 
 @exits_cleanly

@@ -89,3 +89,12 @@ def cifar10_subset(tmp_path_factory) -> Path:
         except TypeError:  # Python < 3.10.12 has no extraction filters; the archive is checked above
             tar.extractall(target)
     return target / "cifar10-20k"
+
+
+def refused(capsys, main, *args) -> str:
+    """Run a command's ``main`` on bad input: it must exit 2 with one line on stderr, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    return err

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
+from conftest import REPO, refused
 
 from selfsup.checkpoint import CheckpointMeta, save_checkpoint
 from selfsup.compress import cli
@@ -178,11 +178,7 @@ def test_the_command_writes_every_variant_on_digits(trained, tmp_path, capsys):
 
 
 def _refused(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
+    return refused(capsys, cli.main, *args)
 
 
 def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import refused
 
 from selfsup.checkpoint import CheckpointMeta, save_checkpoint
 from selfsup.models import BackboneSpec, create_backbone
@@ -116,11 +117,7 @@ def test_continual_does_not_reset_between_corruptions_and_reset_does(files, tmp_
 
 
 def _refused(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
+    return refused(capsys, cli.main, *args)
 
 
 def test_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys):

@@ -49,6 +49,16 @@ def norm_affine_parameters(model: nn.Module, skip: tuple[str, ...] = ()) -> list
     ]
 
 
+def adapted_norms(model: nn.Module, skip: tuple[str, ...] = ()) -> list[nn.Parameter]:
+    """The model in test-time mode and the norm affine parameters an entropy method adapts (Tent,
+    ETA/EATA, SAR); a model without any is a clear error."""
+    params = norm_affine_parameters(test_time_mode(model), skip)
+    if not params:
+        where = " outside the frozen layers" if skip else ""
+        raise ValueError(f"the model has no normalization layer with affine parameters{where} to adapt")
+    return params
+
+
 def entropy_margin(num_classes: int, coefficient: float = 0.4) -> float:
     """EATA's and SAR's reliability threshold E0 = 0.4 ln C (C classes)."""
     return coefficient * float(torch.log(torch.tensor(float(num_classes))))

@@ -33,9 +33,13 @@ class CorruptionSet:
     severities: tuple[int, ...]  # the severities stored, in order
     size: int  # N, test images per severity
     available: tuple[str, ...]  # corruptions present, in the benchmark's order
+    labels: np.ndarray  # the N labels (released sets repeat them for each severity: read once)
+    image_size: int  # the images' side (H)
     manifest: dict = field(default_factory=dict)
 
-    def images(self, name: str, severity: int) -> np.ndarray:
+    def check(self, name: str, severity: int) -> tuple[np.ndarray, int]:
+        """The stored file of ``name`` (memory-mapped, nothing read) and where ``severity`` starts in
+        it; one error line when the severity is not stored or the file's shape is off."""
         if severity not in self.severities:
             raise UsageError(
                 f"{self.root} holds severities {', '.join(map(str, self.severities))}, not {severity}: "
@@ -50,7 +54,10 @@ class CorruptionSet:
             )
         if stored.dtype != np.uint8:
             raise UsageError(f"{self.root / f'{name}.npy'} holds {stored.dtype}; expected uint8 images")
-        start = self.severities.index(severity) * self.size
+        return stored, self.severities.index(severity) * self.size
+
+    def images(self, name: str, severity: int) -> np.ndarray:
+        stored, start = self.check(name, severity)
         return np.asarray(stored[start : start + self.size])
 
     def clean(self) -> np.ndarray | None:
@@ -105,19 +112,17 @@ def open_set(root: Path) -> CorruptionSet:
             f"{labels_path} holds {len(labels)} labels but {available[0]}.npy holds {rows} images "
             f"({len(severities)} severities): the labels do not match the images"
         )
+    size = rows // len(severities)
     return CorruptionSet(
         root,
         bool(manifest.get("regenerated", False)),
         severities,
-        rows // len(severities),
+        size,
         available,
+        labels[:size].astype(np.int64),
+        first.shape[1],
         manifest,
     )
-
-
-def labels_of(corruption_set: CorruptionSet) -> np.ndarray:
-    labels = np.load(corruption_set.root / "labels.npy").astype(np.int64)
-    return labels[: corruption_set.size]  # released sets repeat the N labels for each severity
 
 
 def check_corruptions(names: Sequence[str], corruption_set: CorruptionSet) -> tuple[str, ...]:
@@ -165,7 +170,7 @@ def stream(
     """The test batches in order. Each corruption's images come in one seeded order, the same for
     every method (a set stored class by class would otherwise give single-class batches); ``mixed``
     shuffles every corruption's images into one stream."""
-    labels = labels_of(corruption_set)
+    labels = corruption_set.labels
     n = len(labels) if limit is None else min(limit, len(labels))
     order = np.random.default_rng(seed).permutation(len(labels))[:n]
     if protocol == "mixed":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfsup.config import load_config
+from selfsup.config import load_config, parse_command
 from selfsup.errors import UsageError, exits_cleanly
 from selfsup.tta.settings import TTAConfig
 
@@ -46,10 +46,8 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
         "--corruptions", help="comma-separated subset (default: the benchmark's 15 in the set)"
     )
     parser.add_argument("--out", help="output folder")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)  # key=value before and after the flags
-    flags = [f"{key}={getattr(args, attr)}" for attr, key in FLAGS.items() if getattr(args, attr) is not None]
-    return args.config, flags + list(args.overrides)
+    args, overrides = parse_command(parser, argv, FLAGS)
+    return args.config, overrides
 
 
 @exits_cleanly

@@ -21,11 +21,10 @@ from torch import nn
 
 from selfsup.tta.adapter import (
     Adapter,
+    adapted_norms,
     entropy_margin,
-    norm_affine_parameters,
     num_classes_of,
     softmax_entropy,
-    test_time_mode,
 )
 
 
@@ -65,9 +64,7 @@ class EATA(Adapter):
         clean_batches: Iterable[torch.Tensor] | None = None,
         momentum: float = 0.9,
     ):
-        params = norm_affine_parameters(test_time_mode(model))
-        if not params:
-            raise ValueError("the model has no normalization layer with affine parameters to adapt")
+        params = adapted_norms(model)
         self.e_margin = entropy_margin(num_classes_of(model), e_margin_coeff)
         self.d_margin, self.fisher_alpha = d_margin, fisher_alpha
         self.fishers = self.anchors = None

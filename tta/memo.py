@@ -117,7 +117,6 @@ class MEMO(Adapter):
         out = []
         for i, image in enumerate(images):
             pixels = raw[i] if raw is not None else self._raw(image)
-            weights = {k: v.clone() for k, v in self.model.state_dict().items()}
             with torch.enable_grad():
                 views = self.augmented_views(pixels, image.shape[-1], image.device).to(image.dtype)
                 loss = marginal_entropy(self.forward(views))
@@ -126,8 +125,8 @@ class MEMO(Adapter):
                 self.optimizer.step()
             with torch.no_grad():
                 out.append(self.forward(image.unsqueeze(0)))
-            # episodic: the next image starts from the original weights; the optimizer's state carries
-            # over, as in the reference (which reloads the weights only)
-            self.model.load_state_dict(weights)
+            # episodic: the next image starts from the original weights (the base class's copy); the
+            # optimizer's state carries over, as in the reference (which reloads the weights only)
+            self.model.load_state_dict(self._saved[0])
             self.index += 1
         return torch.cat(out)

@@ -29,7 +29,7 @@ def run(config) -> tuple[str, dict[str, Path]]:
             f"{corruption_set.root} holds none of the benchmark's 15 corruptions (only "
             f"{', '.join(corruption_set.available)}): pass corruptions=... to use those"
         )
-    corruption_set.images(names[0], config.severity)  # the severity and shapes, before any work
+    corruption_set.check(names[0], config.severity)  # the severity and shapes, before any work
     out = ensure_writable_dir(config.out, "out=")
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -51,7 +51,7 @@ def run(config) -> tuple[str, dict[str, Path]]:
         if corruption_set.regenerated
         else "released"
     )
-    n = bench._n()
+    n = bench.n_images
     facts = [
         f"**Classifier** `{config.checkpoint}` ({bench.meta.spec.arch}, {bench.meta.num_classes} classes, "
         f"{bench.meta.img_size} px; its own normalization mean {tuple(bench.meta.mean)}, std {tuple(bench.meta.std)}).",

@@ -16,27 +16,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from selfsup.checkpoint import CheckpointMeta, load_backbone, read_meta
+from selfsup.checkpoint import CheckpointMeta, load_classifier
 from selfsup.errors import UsageError
 from selfsup.tta.adapter import Adapter, NormStats, Source
-from selfsup.tta.benchmark import CorruptionSet, labels_of, stream, to_model_input
+from selfsup.tta.benchmark import CorruptionSet, stream, to_model_input
 from selfsup.tta.eata import EATA
 from selfsup.tta.memo import MEMO, default_settings
 from selfsup.tta.sar import SAR
 from selfsup.tta.settings import TTAConfig
 from selfsup.tta.tent import Tent
-
-
-def load_classifier(path: str) -> tuple[nn.Module, CheckpointMeta]:
-    """The classifier a fine-tuning run exported (backbone + head); a backbone alone is refused."""
-    meta = read_meta(path)
-    if meta.num_classes <= 0:
-        raise UsageError(
-            f"{path} is a backbone without a classifier head (stage {meta.stage!r}); test-time adaptation "
-            "needs a classifier: fine-tune it first (finetune --checkpoint ...) and pass its best.safetensors"
-        )
-    model, meta = load_backbone(path, num_classes=meta.num_classes, drop_path_rate=0.0)
-    return model.eval(), meta
 
 
 class Inputs:
@@ -127,10 +115,10 @@ class Benchmark:
 
     def __init__(self, config: TTAConfig, corruption_set: CorruptionSet, names: tuple[str, ...], device):
         self.config, self.set, self.names, self.device = config, corruption_set, names, device
-        self.original, self.meta = load_classifier(config.checkpoint)
+        self.original, self.meta = load_classifier(config.checkpoint, "test-time adaptation")
         self.original.to(device)
         self.inputs = Inputs(self.meta, device)
-        self.labels = labels_of(corruption_set)
+        self.labels = corruption_set.labels
         n_classes = self.meta.num_classes
         if self.labels.min() < 0 or self.labels.max() >= n_classes:
             raise UsageError(
@@ -138,14 +126,7 @@ class Benchmark:
                 f"{config.checkpoint} predicts {n_classes} classes: the set and the classifier do not match"
             )
         self.clean_images = corruption_set.clean()
-        self.native_size = corruption_set.images(names[0], config.severity).shape[1]
-        self.autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if config.mixed_precision == "bf16"
-            else torch.autocast(device.type, dtype=torch.float16)
-            if config.mixed_precision == "fp16"
-            else None
-        )
+        self.bf16 = config.mixed_precision == "bf16"
 
     def clean_batches(self, limit: int):
         """EATA's Fisher images: the first ``limit`` clean images in a seeded order."""
@@ -163,7 +144,7 @@ class Benchmark:
         seeded subset when ``limit`` is set); not adapting, not counted in the passes."""
         if self.clean_images is None:
             return None
-        order = np.random.default_rng(self.config.seed).permutation(len(self.labels))[: self._n()]
+        order = np.random.default_rng(self.config.seed).permutation(len(self.labels))[: self.n_images]
         correct = 0
         with torch.no_grad():
             for start in range(0, len(order), 256):
@@ -176,7 +157,7 @@ class Benchmark:
         config = self.config
         model = copy.deepcopy(self.original)
         torch.manual_seed(config.seed)
-        adapter = build_adapter(method, model, config, self.meta, self.clean_batches, self.native_size)
+        adapter = build_adapter(method, model, config, self.meta, self.clean_batches, self.set.image_size)
         adapter.forwards = adapter.backwards = 0  # Fisher estimation is set-up, not test-time cost
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -192,7 +173,9 @@ class Benchmark:
             config.seed,
             config.limit,
         )
-        total = len(self.names) * -(-self._n() // config.batch_size) if config.protocol != "mixed" else None
+        total = (
+            len(self.names) * -(-self.n_images // config.batch_size) if config.protocol != "mixed" else None
+        )
         start = time.perf_counter()
         first = True
         for batch in tqdm(batches, desc=method, total=total, unit="batch", leave=False, file=sys.stderr):
@@ -201,10 +184,7 @@ class Benchmark:
             first = False
             x = self.inputs(batch.images)
             raw = {"raw": batch.images} if isinstance(adapter, MEMO) else {}
-            if self.autocast is not None:
-                with self.autocast:
-                    logits = adapter(x, **raw)
-            else:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = adapter(x, **raw)
             hits = logits.argmax(1).cpu().numpy() == batch.labels
             np.add.at(correct, batch.sources, hits)
@@ -234,5 +214,7 @@ class Benchmark:
             extra,
         )
 
-    def _n(self) -> int:
+    @property
+    def n_images(self) -> int:
+        """Test images per corruption (``limit`` of them when set)."""
         return len(self.labels) if self.config.limit is None else min(self.config.limit, len(self.labels))

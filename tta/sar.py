@@ -16,11 +16,10 @@ from torch import nn
 
 from selfsup.tta.adapter import (
     Adapter,
+    adapted_norms,
     entropy_margin,
-    norm_affine_parameters,
     num_classes_of,
     softmax_entropy,
-    test_time_mode,
 )
 
 
@@ -81,9 +80,7 @@ class SAR(Adapter):
         reset_below: float = 0.2,
         momentum: float = 0.9,
     ):
-        params = norm_affine_parameters(test_time_mode(model), skip=frozen_prefixes(model))
-        if not params:
-            raise ValueError("the model has no normalization layer outside its last blocks for SAR to adapt")
+        params = adapted_norms(model, frozen_prefixes(model))
         base = torch.optim.SGD(params, lr=lr, momentum=momentum)
         super().__init__(model, params, base)
         self.sam = SAM(params, base, rho)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfsup.tta.adapter import Adapter, norm_affine_parameters, softmax_entropy, test_time_mode
+from selfsup.tta.adapter import Adapter, adapted_norms, softmax_entropy
 
 __all__ = ["Tent", "softmax_entropy", "vit_lr"]
 
@@ -31,9 +31,7 @@ class Tent(Adapter):
     name = "tent"
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, steps: int = 1):
-        params = norm_affine_parameters(test_time_mode(model))
-        if not params:
-            raise ValueError("the model has no normalization layer with affine parameters for Tent to adapt")
+        params = adapted_norms(model)
         super().__init__(model, params, torch.optim.SGD(params, lr=lr, momentum=momentum))
         self.steps = steps
 
