@@ -2,8 +2,10 @@
 [--teacher self]] [--quantize int8-dynamic|int8-static|int8-pt2e] [--calibrate N] --out DIR [key=value ...]``.
 
 Writes OUT/report.html/md and OUT/metrics.json (every variant's accuracy, agreement with the original,
-parameters, MACs, size, latency), OUT/pruned.safetensors (+ .json) and OUT/*.onnx. Exit codes: 0 done,
-2 bad input (one line).
+parameters, MACs, size, latency), OUT/pruned.safetensors and OUT/recovered.safetensors (+ .json sidecars)
+and OUT/*.onnx. Recovery is a resumable training run in OUT/recovery (rerun the same command to continue
+it). Exit codes: 0 done, 2 bad input (one line), 3 recovery diverged, 128 + signal when stopped (its
+checkpoint saved). Under ``accelerate launch compress/compress.py ...`` recovery runs in every process.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(CompressConfig, config_path, overrides)
     config.check_steps()
     from selfsup.compress.pipeline import run  # heavy imports after the argument checks
+    from selfsup.loop import run_command
 
-    table, paths = run(config)
-    print(table)
-    print(f"report: {paths['html']}")
+    result = run_command(run, config, " the same command (resume=auto continues {out}/recovery)")
+    if result.table:  # the main process's
+        print(result.table)
+        print(f"report: {result.paths['html']}")

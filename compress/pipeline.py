@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ from selfsup.compress.settings import CompressConfig
 from selfsup.config import save_config, to_dict
 from selfsup.data import DataOptions, build_dataset
 from selfsup.errors import UsageError
-from selfsup.files import atomic_write_bytes, ensure_writable_dir
+from selfsup.files import atomic_write_bytes
+from selfsup.loop import on_main, start_process
 from selfsup.models import create_backbone
 from selfsup.precision import describe_cpu
 from selfsup.shapes import shape_manifest
@@ -65,16 +67,91 @@ def _check_classes(meta: CheckpointMeta, classes, dataset: str, path: str) -> No
         )
 
 
-def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
-    if config.threads:
-        torch.set_num_threads(config.threads)
+@dataclass
+class CompressResult:
+    status: str  # "finished" | "interrupted" (recovery stopped by a signal, its checkpoint saved)
+    out: Path
+    step: int = 0  # recovery's
+    total_steps: int = 0
+    signal: int | None = None
+    table: str = ""
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def run(config: CompressConfig) -> CompressResult:
+    """Prune and recover in every process (recovery is a core training run), then measure, quantize
+    and report on the main process."""
     original, meta = load_classifier(config.checkpoint, "compression")
     val, info = build_dataset(config.dataset, "val", None, _options(config))
+    _check_classes(meta, info.classes, config.dataset, config.checkpoint)
+    accelerator = start_process(config)  # out writable, threads, seed; the processes of accelerate launch
+    out, main = Path(config.out), accelerator.is_main_process
+    on_main(accelerator, lambda: save_config(config, out / "config.yaml"))
     # fine-tuning's evaluation transform: small images whole (no centre crop), larger ones at 0.875
     transform = eval_transform(meta.img_size, meta.mean, meta.std, info.image_size)
-    _check_classes(meta, info.classes, config.dataset, config.checkpoint)
-    out = ensure_writable_dir(config.out, "--out")
-    save_config(config, out / "config.yaml")
+    example = transform(val[0][0]).unsqueeze(0)
+    stages: list[tuple[str, nn.Module, Path, str]] = []  # (variant, model, saved file, note)
+    result = CompressResult("finished", out)
+    if config.prune == "l1":
+        pruned = copy.deepcopy(original)
+        pruning = prune_l1(pruned, example, config.target_macs)
+        if main:
+            print(
+                f"pruned to {100 * pruning.macs_ratio:.1f}% of the MACs ({pruning.params_after:,} of "
+                f"{pruning.params_before:,} parameters)",
+                file=sys.stderr,
+            )
+        path = on_main(accelerator, lambda: _save_pruned(out / "pruned", pruned, meta, config, "pruned"))
+        stages.append(("pruned", pruned, path, f"L1, target {config.target_macs:g}"))
+        if config.recover_epochs:
+            recovered = copy.deepcopy(pruned)
+            train, _ = build_dataset(config.dataset, "train", None, _options(config))
+            teacher = _teacher(config, original)
+            shapes = shape_manifest(pruned, create_backbone(meta.spec, num_classes=meta.num_classes))
+            done = recover(
+                accelerator,
+                recovered,
+                train,
+                train_transform(meta.img_size, info.image_size, meta.mean, meta.std),
+                config,
+                {"dataset": info.name, "classes": list(info.classes), "shapes": shapes},
+                teacher,
+            )
+            result.step, result.total_steps, result.signal = done.step, done.total_steps, done.signal
+            if done.status == "interrupted":
+                result.status = "interrupted"
+                return result
+            path = on_main(
+                accelerator,
+                lambda: _save_pruned(out / "recovered", recovered, meta, config, "pruned+recovered"),
+            )
+            how = (
+                "distilled from "
+                + ("the unpruned model" if config.teacher == "self" else str(config.teacher))
+                if teacher
+                else "labels only"
+            )
+            stages.append(("pruned + recovered", recovered, path, f"{config.recover_epochs} epochs, {how}"))
+    report = on_main(accelerator, lambda: _measure_and_report(config, meta, original, stages, val, transform))
+    if report is not None:  # the main process's
+        result.table, result.paths = report
+    return result
+
+
+def _measure_and_report(
+    config: CompressConfig,
+    meta: CheckpointMeta,
+    original: nn.Module,
+    stages: list[tuple[str, nn.Module, Path, str]],
+    val,
+    transform,
+) -> tuple[str, dict[str, Path]]:
+    """Every variant measured the same way (top-1, agreement, size, MACs, latency, peak memory),
+    INT8 ones made from the original and the last pruned model; report.md/html and metrics.json."""
+    out = Path(config.out)
+    original.cpu()  # deployment is measured on the CPU, whichever device recovery trained on
+    for _, model, _, _ in stages:
+        model.cpu()
     images, labels = stacked(val, transform, config.limit)
     example = torch.from_numpy(images[:1])
     reference = measure.predictions(measure.torch_predict(original), images)
@@ -112,62 +189,9 @@ def run(config: CompressConfig) -> tuple[str, dict[str, Path]]:
         original,
         stored=("torch", weights_path(config.checkpoint)),
     )
-    final, final_name = original, "original"
-    if config.prune == "l1":
-        pruned = copy.deepcopy(original)
-        result = prune_l1(pruned, example, config.target_macs)
-        print(
-            f"pruned to {100 * result.macs_ratio:.1f}% of the MACs ({result.params_after:,} of "
-            f"{result.params_before:,} parameters)",
-            file=sys.stderr,
-        )
-        path = _save_pruned(out / "pruned", pruned, meta, config, "pruned")
-        add(
-            "pruned",
-            measure.torch_predict(pruned),
-            path.stat().st_size,
-            pruned,
-            f"L1, target {config.target_macs:g}",
-            ("torch", path),
-        )
-        final, final_name = pruned, "pruned"
-        if config.recover_epochs:
-            train, _ = build_dataset(
-                config.dataset,
-                "train",
-                train_transform(meta.img_size, info.image_size, meta.mean, meta.std),
-                _options(config),
-            )
-            teacher = _teacher(config, original)
-            recover(
-                pruned,
-                train,
-                epochs=config.recover_epochs,
-                batch_size=config.batch_size,
-                lr=config.recover_lr,
-                teacher=teacher,
-                temperature=config.kd_temperature,
-                alpha=config.kd_alpha,
-                seed=config.seed,
-                num_workers=config.num_workers,
-                progress=config.progress_bar,
-            )
-            path = _save_pruned(out / "pruned", pruned, meta, config, "pruned+recovered")
-            how = (
-                "distilled from "
-                + ("the unpruned model" if config.teacher == "self" else str(config.teacher))
-                if teacher
-                else "labels only"
-            )
-            add(
-                "pruned + recovered",
-                measure.torch_predict(pruned),
-                path.stat().st_size,
-                pruned,
-                f"{config.recover_epochs} epochs, {how}",
-                ("torch", path),
-            )
-            final_name = "pruned + recovered"
+    for name, model, path, note in stages:
+        add(name, measure.torch_predict(model), path.stat().st_size, model, note, ("torch", path))
+    final_name, final = stages[-1][:2] if stages else ("original", original)
     if config.quantize != "none":
         calibration = None
         if config.quantize in ("int8-static", "int8-pt2e"):

@@ -1,23 +1,51 @@
-"""Recovery training of a pruned classifier: a short fine-tune on the training split, optionally
-distilled from the unpruned model (Hinton's soft targets, the loss fine-tuning uses: selfsup.distill).
+"""Recovery training of a pruned classifier through the core loop (:class:`selfsup.loop.TrainingRun`):
+a short fine-tune on the training split, optionally distilled from the unpruned model (Hinton's soft
+targets, the loss fine-tuning uses: :mod:`selfsup.distill`).
+
+The run lives in ``OUT/recovery`` and has what every training stage has: exact resume (``resume=auto``
+continues an interrupted ``compress`` with the same losses an uninterrupted run logs), a checkpoint
+each epoch, SIGTERM/SIGINT saving at the next step, the NaN policy, ``log.jsonl``, and 1 or W
+processes under ``accelerate launch`` seeing the same global batches (per-sample seeded augmentation,
+:mod:`selfsup.sampling`).
 
 Deliberately small: AdamW with a warm-up then cosine schedule, light augmentation (padded crop and
-flip for images up to 64 px, random resized crop and flip above), seeded batches. The full fine-tuning
-recipe (mixup, RandAugment, layer decay, resume) is the finetune stage's; a pruned checkpoint can be
-fine-tuned there too (``finetune --checkpoint pruned.safetensors``).
+flip for images up to 64 px, random resized crop and flip above). The full fine-tuning recipe (mixup,
+RandAugment, layer decay, EMA) is the finetune stage's; a pruned checkpoint can be fine-tuned there
+too (``finetune --checkpoint OUT/pruned.safetensors``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
-from tqdm import tqdm
 
+from selfsup.compress.settings import CompressConfig
 from selfsup.distill import distillation_loss
+from selfsup.errors import UsageError
+from selfsup.loop import RunSettings, TrainingRun
+from selfsup.runstate import RUN_KEYS
+from selfsup.sampling import GlobalBatchSampler, SeededImages
 from selfsup.schedules import apply_lr, warmup_cosine
+from selfsup.workers import leave_signals_to_the_main_process, stop_workers
+
+# Keys that may change when an interrupted compress resumes its recovery: the steps after it
+# (quantization, measurement) and how the run is driven; anything else changes the recovery recipe.
+RESUMABLE = RUN_KEYS | {
+    "quantize",
+    "calibrate",
+    "latency_batches",
+    "latency_repeats",
+    "limit",
+    "measure_memory",
+}
+BAR_FIELDS = {"loss": "{loss:.4f}", "lr": "{lr:.2e}", "img_s": "{images_per_s:.0f}"}
+ADVICE = "lower recover_lr or use mixed_precision=no"
 
 
 def train_transform(img_size: int, native_size: int, mean, std) -> T.Compose:
@@ -28,51 +56,137 @@ def train_transform(img_size: int, native_size: int, mean, std) -> T.Compose:
     return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
+@dataclass
+class RecoveryStep:
+    """One AdamW step on the labels (and the teacher's soft targets); lr from the fractional epoch."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    peak_lr: float
+    epochs: int
+    teacher: nn.Module | None = None
+    temperature: float = 4.0
+    alpha: float = 0.5
+
+    @property
+    def warmup(self) -> float:
+        return min(1.0, self.epochs / 10)
+
+    def forward(self, batch, progress: float):
+        lr = warmup_cosine(progress, self.peak_lr, self.warmup, self.epochs)
+        apply_lr(self.optimizer, lr)
+        images, labels = (t.to(self.accelerator.device) for t in batch)
+        self.optimizer.zero_grad(set_to_none=True)  # also drops the gradients of a skipped NaN step
+        with self.accelerator.autocast():
+            logits = self.model(images).float()
+            loss = F.cross_entropy(logits, labels)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    soft = self.teacher(images).float()
+                loss = distillation_loss(
+                    "hinton", loss, logits, soft, alpha=self.alpha, temperature=self.temperature
+                )
+        self.accelerator.backward(loss)
+        return loss.detach(), {"lr": lr}
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.optimizer.step()
+
+
+@dataclass
+class Recovery:
+    status: str  # "finished" | "interrupted"
+    step: int
+    total_steps: int
+    signal: int | None = None
+
+
+def run_settings(config: CompressConfig) -> RunSettings:
+    return RunSettings(
+        out=f"{config.out}/recovery",
+        epochs=config.recover_epochs,
+        resume=config.resume,
+        force_resume=config.force_resume,
+        max_steps=config.max_steps,
+        save_every_steps=config.save_every_steps,
+        keep_checkpoints=1,
+        log_with=config.log_with,
+        progress_bar=config.progress_bar,
+    )
+
+
 def recover(
+    accelerator: Accelerator,
     model: nn.Module,
     train_set,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
+    transform,
+    config: CompressConfig,
+    data: dict,
     teacher: nn.Module | None = None,
-    temperature: float = 4.0,
-    alpha: float = 0.5,
-    seed: int = 0,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> list[float]:
-    """Train ``model`` in place; returns the mean loss of each epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        train_set,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=generator,
-        num_workers=num_workers,
+) -> Recovery:
+    """Train ``model`` in place (continuing ``OUT/recovery``'s last checkpoint under ``resume=auto``).
+
+    ``data``: facts of the run a resume must share (class names, the pruned shapes), kept in the
+    checkpoint and compared on resume.
+    """
+    if config.batch_size > len(train_set):
+        raise UsageError(
+            f"batch_size={config.batch_size} is larger than the training set ({len(train_set)} images): "
+            "lower batch_size"
+        )
+    sampler = GlobalBatchSampler(
+        len(train_set),
+        config.batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        config.seed,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warmup = min(1.0, epochs / 10)
+    workers = config.num_workers
+    loader = DataLoader(
+        SeededImages(train_set, transform),
+        batch_sampler=sampler,
+        generator=torch.Generator(),  # the loader's draw leaves the global stream alone
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=leave_signals_to_the_main_process,
+    )
+
+    def batches(epoch: int, first_step: int):
+        sampler.set_position(epoch, first_step)
+        return loader
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.recover_lr, weight_decay=0.05)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
     if teacher is not None:
-        teacher.eval().requires_grad_(False)
-    losses = []
-    for epoch in range(epochs):
-        model.train()
-        total = 0.0
-        batches = tqdm(loader, desc=f"recovery {epoch + 1}/{epochs}", leave=False, disable=not progress)
-        for i, (images, labels) in enumerate(batches):
-            apply_lr(optimizer, warmup_cosine(epoch + i / len(loader), lr, warmup, epochs))
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            if teacher is not None:
-                with torch.no_grad():
-                    soft = teacher(images)
-                loss = distillation_loss("hinton", loss, logits, soft, alpha=alpha, temperature=temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-        losses.append(total / len(loader))
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+    run = TrainingRun(
+        accelerator,
+        run_settings(config),
+        sampler.steps_per_epoch(),
+        stage="compress",
+        resumable=RESUMABLE,
+        images_per_step=config.batch_size,
+        bar_fields=BAR_FIELDS,
+        advice=ADVICE,
+    )
+    run.start(config, data, same_data=tuple(data))
+    step = RecoveryStep(
+        accelerator,
+        prepared,
+        optimizer,
+        config.recover_lr,
+        config.recover_epochs,
+        teacher,
+        config.kd_temperature,
+        config.kd_alpha,
+    )
+    prepared.train()
+    try:
+        with run:
+            status = run.steps(step, batches)
+    finally:
+        stop_workers(loader)
     model.eval()
-    return losses
+    return Recovery(status, run.position.step, run.end, run.signal)

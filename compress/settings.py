@@ -36,6 +36,13 @@ class CompressConfig:
     num_workers: int = 0
     progress_bar: bool = True
     out: str = "runs/compress"
+    # recovery is a training run in OUT/recovery (selfsup.loop): these keys mean what they mean in finetune
+    resume: str = "auto"  # "auto": continue OUT/recovery's last checkpoint; "never"; or a checkpoint folder
+    force_resume: bool = False
+    max_steps: int | None = None  # stop recovery early (its schedule still spans recover_epochs)
+    save_every_steps: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # recovery only; measured in fp32
+    log_with: Literal["none", "tensorboard"] = "none"
 
     def __post_init__(self) -> None:
         if not 0 < self.target_macs < 1:
@@ -47,6 +54,8 @@ class CompressConfig:
             raise UsageError(f"recover_epochs must be 0 or more, got {self.recover_epochs}")
         if self.recover_epochs and self.prune == "none":
             raise UsageError("recover_epochs is recovery after pruning: pass --prune l1 as well")
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.calibrate < 1:
             raise UsageError(f"calibrate must be at least 1 image, got {self.calibrate}")
         if not self.latency_batches or min(self.latency_batches) < 1:

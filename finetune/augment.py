@@ -12,17 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
 from timm.data.auto_augment import RandAugment, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
-from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from selfsup.finetune.model import is_low_res
 from selfsup.finetune.settings import AugmentSettings
-from selfsup.sampling import seeded
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -86,20 +83,3 @@ def _train_transform(
     if a.random_erasing > 0:
         ops.append(RandomErasing(a.random_erasing, mode="pixel", device="cpu"))
     return T.Compose(ops)
-
-
-class SeededImages(Dataset):
-    """``dataset[(index, seed)]`` -> (augmented image, label), the augmentation a pure function of
-    the seed (:mod:`selfsup.sampling`): exact resume and W processes = 1 process."""
-
-    def __init__(self, dataset: Any, transform: Callable):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = item
-        image, label = self.dataset[index]
-        with seeded(seed):
-            return self.transform(image), label

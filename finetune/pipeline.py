@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Subset
 from selfsup.builtin_data import stratified_split
 from selfsup.data import DataOptions, DatasetInfo, build_dataset, class_targets, is_map_style
 from selfsup.errors import UsageError
-from selfsup.finetune.augment import SeededImages, train_transform
+from selfsup.finetune.augment import train_transform
 from selfsup.finetune.settings import FinetuneConfig
-from selfsup.sampling import GlobalBatchSampler
+from selfsup.sampling import GlobalBatchSampler, SeededImages
 from selfsup.transforms import eval_transform
 from selfsup.workers import leave_signals_to_the_main_process, stop_workers
 

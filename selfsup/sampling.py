@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler, get_worker_info
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from selfsup.errors import UsageError
 from selfsup.workers import shutdown_iterator
@@ -96,6 +97,23 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             start = step * self.global_batch + self.rank * self.local_batch
             indices = perm[start : start + self.local_batch]
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in indices]
+
+
+class SeededImages(Dataset):
+    """``dataset[(index, seed)]`` -> (augmented image, label), the augmentation a pure function of
+    the seed (:mod:`selfsup.sampling`): exact resume and W processes = 1 process."""
+
+    def __init__(self, dataset: Any, transform: Callable):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = item
+        image, label = self.dataset[index]
+        with seeded(seed):
+            return self.transform(image), label
 
 
 class EndlessBatches:
