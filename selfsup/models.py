@@ -25,6 +25,7 @@ import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
+import selfsup.architectures  # noqa: F401  (registers BoTNet, T2T-ViT, DynamicConv, SkipNet with timm)
 from selfsup.errors import UsageError
 
 PosEmbed = Literal["learned", "sincos"]
@@ -73,7 +74,7 @@ def _timm_kwargs(spec: BackboneSpec) -> tuple[str, dict[str, Any]]:
     alias = MOCO_V3_ARCHS.get(spec.arch, {})
     name = alias.get("arch", spec.arch)
     kwargs: dict[str, Any] = {k: v for k, v in alias.items() if k != "arch"}
-    if name.startswith(("vit_", "deit_")) or "vit" in name:
+    if name.startswith(("vit_", "deit_")) or "vit" in name or "botnet" in name:  # fixed-size inputs
         kwargs["img_size"] = spec.img_size
         if spec.patch_size is not None:
             kwargs["patch_size"] = spec.patch_size
@@ -104,6 +105,11 @@ def create_backbone(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
         if spec.pos_embed == "sincos":
             set_sincos_pos_embed(model)
         if spec.frozen_patch_embed:
+            if not hasattr(model.patch_embed, "proj"):
+                raise UsageError(
+                    f"frozen_patch_embed needs a patch projection; '{spec.arch}' embeds tokens another way: "
+                    "set model.frozen_patch_embed=false"
+                )
             freeze_patch_embed(model)
     elif spec.pos_embed == "sincos" and spec.arch in MOCO_V3_ARCHS:
         raise UsageError(f"pos_embed=sincos needs a ViT, '{spec.arch}' is not one")
