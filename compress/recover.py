@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
 from selfsup.compress.settings import CompressConfig
 from selfsup.distill import distillation_loss
 from selfsup.errors import UsageError
@@ -76,11 +77,16 @@ class RecoveryStep:
     def forward(self, batch, progress: float):
         lr = warmup_cosine(progress, self.peak_lr, self.warmup, self.epochs)
         apply_lr(self.optimizer, lr)
+        net = self.accelerator.unwrap_model(self.model)
+        set_training_progress(net, progress)
         images, labels = (t.to(self.accelerator.device) for t in batch)
         self.optimizer.zero_grad(set_to_none=True)  # also drops the gradients of a skipped NaN step
         with self.accelerator.autocast():
             logits = self.model(images).float()
             loss = F.cross_entropy(logits, labels)
+            extra = auxiliary_loss(net)  # e.g. SkipNet's compute penalty
+            if extra is not None:
+                loss = loss + extra
             if self.teacher is not None:
                 with torch.no_grad():
                     soft = self.teacher(images).float()

@@ -28,6 +28,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
 from selfsup.checkpoint import HEAD_PREFIXES, CheckpointMeta, save_checkpoint, timm_call
 from selfsup.config import to_dict
 from selfsup.distill import distillation_loss
@@ -126,6 +127,9 @@ class FinetuneStep:
         out = self.model(images)
         heads = out if isinstance(out, tuple) else (out,)  # a distilled DeiT: class and distillation head
         tasks = [self.criterion(head, targets) for head in heads]
+        extra = auxiliary_loss(self.accelerator.unwrap_model(self.model))  # e.g. SkipNet's compute penalty
+        if extra is not None:
+            tasks = [task + extra for task in tasks]
         if self.teacher is None:
             return sum(tasks) / len(heads)
         d = self.config.distill
@@ -150,6 +154,9 @@ class FinetuneStep:
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor], progress: float):
         lr, self.head_only = lr_at(self.config, progress)
         self.step_index = round(progress * self.steps_per_epoch)
+        set_training_progress(
+            self.accelerator.unwrap_model(self.model), progress
+        )  # e.g. DynamicConv's temperature
         apply_lr(self.optimizer, lr)
         device = self.accelerator.device
         images, labels = (t.to(device, non_blocking=True) for t in batch)

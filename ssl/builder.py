@@ -19,7 +19,7 @@ from torch import nn
 
 from selfsup.models import create_backbone, is_vit
 from selfsup.ssl.heads import predictor, projector
-from selfsup.ssl.settings import PretrainConfig
+from selfsup.ssl.settings import PretrainConfig, resolve_recipe
 
 
 def contrastive_loss(q: torch.Tensor, k_all: torch.Tensor, temperature: float, rank: int = 0) -> torch.Tensor:
@@ -108,8 +108,12 @@ class MoCoV3(nn.Module):
 
 
 def build_model(config: PretrainConfig) -> MoCoV3:
-    """The MoCo v3 module of a run's config (the official init comes with ``model.init=moco_v3``)."""
+    """The MoCo v3 module of a run's config (the official init comes with ``model.init=moco_v3``).
+
+    The recipe keys left null in ``config`` are filled with the backbone kind's values here
+    (:func:`~selfsup.ssl.settings.resolve_recipe`): build the model before anything reads them.
+    """
+    backbone = create_backbone(config.model)
+    resolve_recipe(config, is_vit(backbone))
     m = config.moco
-    return MoCoV3(
-        create_backbone(config.model), m.dim, m.mlp_dim, m.temperature, m.proj_layers, m.pred_layers
-    )
+    return MoCoV3(backbone, m.dim, m.mlp_dim, m.temperature, m.proj_layers, m.pred_layers)

@@ -7,6 +7,14 @@ betas (0.9, 0.999), lr 1.5e-4 × batch/256, weight decay 0.1, 300 epochs with 40
 batch 4096, T = 0.2, m from 0.99 to 1 by a half-cycle cosine, 3-layer projector and 2-layer
 predictor of width 4096 and output 256, random frozen patch projection, 2-D sin-cos position
 embedding, BYOL augmentations with crop scale (0.08, 1).
+
+Convolutional backbones (ResNets, BoTNet, DynamicConv, SkipNet) get the paper's ResNet recipe
+(``CONFIG.md`` ResNet-50 commands, ``main_moco.py`` defaults): LARS (momentum 0.9, trust coefficient
+0.001, no weight decay or adaptation for biases and norms), lr 0.6 × batch/256, weight decay 1e-6,
+10 warm-up epochs, T = 1.0, crop scale (0.2, 1), a 2-layer projector and a predictor without the
+final BatchNorm. The recipe keys left at null (``optim.name``, ``optim.base_lr``,
+``optim.weight_decay``, ``optim.warmup_epochs``, ``moco.temperature``, ``augment.min_scale``) take
+the values of the backbone's kind (:func:`resolve_recipe`); config.yaml records what was used.
 """
 
 from __future__ import annotations
@@ -31,17 +39,19 @@ class MocoSettings:
     mlp_dim: int = 4096
     proj_layers: int | None = None  # None: 3 for ViTs, 2 for ResNets
     pred_layers: int = 2
-    temperature: float = 0.2
+    temperature: float | None = None  # null: 0.2 for ViTs, 1.0 for convolutional backbones
     momentum: float = 0.99  # m0, raised to 1 by a half-cycle cosine when momentum_cosine
     momentum_cosine: bool = True
 
 
 @dataclass
 class OptimSettings:
-    base_lr: float = 1.5e-4  # per 256 images: lr = base_lr × batch_size / 256
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 40.0
+    name: Literal["auto", "adamw", "lars"] = "auto"  # auto: AdamW for ViTs, LARS for convolutional backbones
+    base_lr: float | None = None  # per 256 images: lr = base_lr × batch_size / 256 (null: 1.5e-4 / 0.6)
+    weight_decay: float | None = None  # null: 0.1 (ViT) / 1e-6 (conv)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
+    momentum: float = 0.9  # LARS's
+    warmup_epochs: float | None = None  # null: 40 (ViT) / 10 (conv)
     clip_grad: float | None = None  # max gradient norm; the official code does not clip
 
 
@@ -49,7 +59,7 @@ class OptimSettings:
 class AugmentSettings:
     """BYOL's two asymmetric views (lightly's BYOLView1/2Transform defaults are these values)."""
 
-    min_scale: float = 0.08
+    min_scale: float | None = None  # random resized crop's lower scale; null: 0.08 (ViT) / 0.2 (conv)
     blur_prob: tuple[float, float] = (1.0, 0.1)
     # Blur sigma range in pixels of a `blur_reference_size`-wide image, scaled to the input size:
     # BYOL's (0.1, 2.0) at 224 px is (0.014, 0.29) px at 32 px, the same blur relative to the image.
@@ -108,8 +118,12 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check_run_settings(self, {"monitor_every": 0})
-        if self.optim.base_lr <= 0 or self.moco.temperature <= 0:
-            raise UsageError("optim.base_lr and moco.temperature must be positive")
+        for key, value in (
+            ("optim.base_lr", self.optim.base_lr),
+            ("moco.temperature", self.moco.temperature),
+        ):
+            if value is not None and value <= 0:
+                raise UsageError(f"{key} must be positive (or null for the backbone's recipe), got {value}")
         if not 0 <= self.moco.momentum <= 1:
             raise UsageError(f"moco.momentum must lie in [0, 1], got {self.moco.momentum}")
 
@@ -124,3 +138,36 @@ RESUMABLE_CHANGES = RUN_KEYS | {
     "monitor_val_size",
     "monitor_k",
 }
+
+
+# The paper's two recipes (values above); a null recipe key takes its backbone kind's value.
+RECIPES: dict[str, dict[str, object]] = {
+    "vit": {
+        "optim.name": "adamw",
+        "optim.base_lr": 1.5e-4,
+        "optim.weight_decay": 0.1,
+        "optim.warmup_epochs": 40.0,
+        "moco.temperature": 0.2,
+        "augment.min_scale": 0.08,
+    },
+    "conv": {
+        "optim.name": "lars",
+        "optim.base_lr": 0.6,
+        "optim.weight_decay": 1e-6,
+        "optim.warmup_epochs": 10.0,
+        "moco.temperature": 1.0,
+        "augment.min_scale": 0.2,
+    },
+}
+
+
+def resolve_recipe(config: PretrainConfig, vit: bool) -> str:
+    """Fill the recipe keys left null (or ``optim.name=auto``) with the values of the backbone's kind;
+    returns the kind ("vit" or "conv")."""
+    kind = "vit" if vit else "conv"
+    for key, value in RECIPES[kind].items():
+        section, name = key.split(".")
+        holder = getattr(config, section)
+        if getattr(holder, name) in (None, "auto"):
+            setattr(holder, name, value)
+    return kind

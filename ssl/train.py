@@ -2,8 +2,8 @@
 
 Per step, as the official ``main_moco.py``: set lr (warm-up + cosine) and momentum (cosine to 1)
 from the fractional epoch, forward both views (the momentum encoder moves first), backward, AdamW
-step (:class:`MocoStep`). Resume, the save cadence, SIGTERM/SIGINT saves, the NaN/inf policy and
-the run log are the shared loop's (:mod:`selfsup.loop`); this module adds the kNN monitor and the
+or LARS step by the backbone's kind (:class:`MocoStep`, :func:`make_optimizer`). Resume, the save
+cadence, SIGTERM/SIGINT saves, the NaN/inf policy and the run log are the shared loop's (:mod:`selfsup.loop`); this module adds the kNN monitor and the
 backbone export at the end.
 """
 
@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from timm.optim import Lars
 
+from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
 from selfsup.checkpoint import timm_call
 from selfsup.imagefolder import report_corrupt
 from selfsup.loop import (
@@ -79,7 +81,11 @@ class MocoStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x1, x2 = (x.to(self.accelerator.device, non_blocking=True) for x in batch)
-        return self.model(x1, x2, m), {"lr": lr, "momentum": m}
+        moco = self.accelerator.unwrap_model(self.model)
+        set_training_progress(moco, progress)  # schedules inside a backbone (DynamicConv's temperature)
+        loss = self.model(x1, x2, m)
+        extra = auxiliary_loss(moco)  # a backbone's own term (SkipNet's compute penalty)
+        return (loss if extra is None else loss + extra), {"lr": lr, "momentum": m}
 
     def update(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -100,25 +106,41 @@ def train(config: PretrainConfig) -> PretrainResult:
         if config.export_only:
             return PretrainResult("exported", Path(config.out), 0, 0, backbone=export_latest(config))
         accelerator = start_process(config)
+        model = build_model(config)  # first: it resolves the recipe of the backbone's kind
         pipeline = build_pipeline(
             config, accelerator.process_index, accelerator.num_processes, accelerator.device
         )
         # Every exit path (error, divergence, signal, success) stops the DataLoader workers: they
         # ignore SIGTERM (see selfsup.workers), so a process left waiting for them would never exit.
         with contextlib.closing(pipeline):
-            return _run(config, accelerator, pipeline)
+            return _run(config, accelerator, pipeline, model)
 
 
-def _run(config: PretrainConfig, accelerator: Accelerator, pipeline: Pipeline) -> PretrainResult:
+def make_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
+    """The official optimizers (``main_moco.py``): AdamW with weight decay on every trainable parameter
+    (ViTs), or LARS with weight decay and trust-ratio adaptation only for weights of 2+ dimensions
+    (convolutional backbones; biases and norms get plain momentum SGD). timm's ``Lars`` forms the trust
+    ratio as 0.001·‖w‖ / (‖g‖ + wd·‖w‖) where the official code uses ‖g + wd·w‖ in the denominator:
+    equal when g and w are aligned, and at wd = 1e-6 the two differ by at most wd·‖w‖/‖g‖."""
+    o = config.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=0.0, betas=o.betas, weight_decay=o.weight_decay)
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},  # no wd: no adaptation either
+    ]
+    return Lars(groups, lr=0.0, momentum=o.momentum, trust_coeff=0.001)
+
+
+def _run(
+    config: PretrainConfig, accelerator: Accelerator, pipeline: Pipeline, model: MoCoV3
+) -> PretrainResult:
     out = Path(config.out)
     main = accelerator.is_main_process
-    model = build_model(config)
     if accelerator.num_processes > 1:
         model = convert_batchnorm(model, accelerator.device)
-    o = config.optim
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=0.0, betas=o.betas, weight_decay=o.weight_decay
-    )
+    optimizer = make_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     moco: MoCoV3 = accelerator.unwrap_model(model)
 

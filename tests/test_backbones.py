@@ -182,3 +182,37 @@ def test_skipnet_training_gates_are_hard_forward_and_penalised():
     with torch.no_grad():
         model(x)
     assert auxiliary_loss(model) is None  # no gradients, nothing recorded (e.g. a momentum encoder)
+
+
+MOCO_DIGITS = [
+    "dataset=digits",
+    "batch_size=16",
+    "epochs=1",
+    "max_steps=3",
+    "moco.dim=16",
+    "moco.mlp_dim=32",
+    "num_workers=0",
+    "threads=1",
+    "progress_bar=false",
+    "resume=never",
+    "model.img_size=32",
+    "model.frozen_patch_embed=false",
+    "augment.blur_sigmas=[0.1, 0.5]",
+]
+
+
+@pytest.mark.parametrize("kind", list(SMALL))
+def test_three_moco_v3_steps_on_digits(kind, tmp_path):
+    from selfsup.config import load_config
+    from selfsup.ssl.settings import PretrainConfig
+    from selfsup.ssl.train import train
+
+    arch = SMALL[kind].arch
+    config = load_config(PretrainConfig, None, [*MOCO_DIGITS, f"model.arch={arch}", f"out={tmp_path}"])
+    result = train(config)
+    assert result.status == "finished" and result.step == 3 and result.last_loss is not None
+    assert torch.isfinite(torch.tensor(result.last_loss))
+    recipe = "adamw" if kind == "t2t_vit" else "lars"  # the backbone's kind picks the recipe
+    assert config.optim.name == recipe and config.moco.temperature == (0.2 if recipe == "adamw" else 1.0)
+    loaded, meta = load_backbone(result.backbone)
+    assert meta.spec.arch == arch and loaded.num_features > 0

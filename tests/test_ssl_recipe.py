@@ -11,11 +11,12 @@ from selfsup.config import load_config
 from selfsup.models import BackboneSpec, create_backbone, sincos_pos_embed
 from selfsup.schedules import scaled_lr
 from selfsup.schedules import warmup_cosine as learning_rate
-from selfsup.ssl.builder import MoCoV3, contrastive_loss, gather_keys
+from selfsup.ssl.builder import MoCoV3, build_model, contrastive_loss, gather_keys
 from selfsup.ssl.heads import predictor, projector
 from selfsup.ssl.schedules import moco_momentum
-from selfsup.ssl.settings import PretrainConfig
+from selfsup.ssl.settings import PretrainConfig, resolve_recipe
 from selfsup.ssl.syncbn import AllReduceBatchNorm1d, convert_batchnorm
+from selfsup.ssl.train import make_optimizer
 
 TINY = BackboneSpec(
     "moco_vit_tiny",
@@ -174,7 +175,9 @@ def test_allreduce_batchnorm_is_plain_batchnorm_in_one_process():
 
 def test_defaults_are_the_paper_recipe():
     c = PretrainConfig()
-    assert (c.optim.base_lr, c.optim.weight_decay, c.optim.betas, c.optim.warmup_epochs) == (
+    assert resolve_recipe(c, vit=True) == "vit"
+    assert (c.optim.name, c.optim.base_lr, c.optim.weight_decay, c.optim.betas, c.optim.warmup_epochs) == (
+        "adamw",
         1.5e-4,
         0.1,
         (0.9, 0.999),
@@ -183,6 +186,43 @@ def test_defaults_are_the_paper_recipe():
     assert (c.moco.temperature, c.moco.momentum, c.moco.dim, c.moco.mlp_dim) == (0.2, 0.99, 256, 4096)
     assert (c.epochs, c.batch_size, c.augment.min_scale) == (300, 4096, 0.08)
     assert c.model.frozen_patch_embed and c.model.pos_embed == "sincos" and c.model.arch == "moco_vit_small"
+
+
+def test_convolutional_backbones_get_the_resnet_recipe_and_explicit_keys_win():
+    c = load_config(PretrainConfig, None, ["model.arch=resnet18", "optim.base_lr=0.3"])
+    model = build_model(c)
+    assert (c.optim.name, c.optim.base_lr, c.optim.weight_decay, c.optim.warmup_epochs, c.optim.momentum) == (
+        "lars",
+        0.3,  # given: kept
+        1e-6,
+        10,
+        0.9,
+    )
+    assert (c.moco.temperature, c.augment.min_scale, model.temperature) == (1.0, 0.2, 1.0)
+    # ResNet heads (official MoCo_ResNet): 2-layer projector, predictor without the final BatchNorm
+    linears = [m for m in model.base_encoder.projector.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 2
+    assert not isinstance(list(model.predictor.modules())[-1], nn.BatchNorm1d)
+
+
+def test_lars_step_matches_the_update_rule():
+    """LARS as built for convolutional backbones: weights get wd and the trust ratio
+    0.001·||w|| / (||g|| + wd·||w||) (timm's form), then momentum; biases/norms plain momentum SGD."""
+    c = load_config(PretrainConfig, None, ["model.arch=resnet18", "optim.weight_decay=0.01"])
+    resolve_recipe(c, vit=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    optimizer = make_optimizer(model, c)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.5
+    w, b = model[0].weight, model[0].bias
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    gw, gb = w.grad.clone(), b.grad.clone()
+    optimizer.step()
+    trust = 0.001 * w0.norm() / (gw.norm() + 0.01 * w0.norm())
+    assert torch.allclose(w, w0 - 0.5 * trust * (gw + 0.01 * w0), atol=1e-7)
+    assert torch.allclose(b, b0 - 0.5 * gb, atol=1e-7)  # first step: momentum buffer = the gradient
 
 
 @pytest.mark.parametrize(

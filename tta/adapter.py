@@ -13,6 +13,8 @@ import copy
 import torch
 from torch import nn
 
+from selfsup.backbones.hooks import auxiliary_loss
+
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
@@ -90,7 +92,11 @@ class Adapter:
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.forwards += 1
-        return self.model(images)
+        logits = self.model(images)
+        auxiliary_loss(
+            self.model
+        )  # a backbone's training term (SkipNet's penalty) is no part of TTA's objectives
+        return logits
 
     def backward(self, loss: torch.Tensor) -> None:
         self.backwards += 1
