@@ -27,7 +27,7 @@ def test_from_repo_root_ssl_is_the_standard_library_and_selfsup_ssl_is_ours():
 
 
 def test_every_stage_imports_under_the_selfsup_namespace():
-    code = "import selfsup.ssl, selfsup.finetune, selfsup.tta, selfsup.compress, selfsup.eval, selfsup.data, selfsup.checkpoint"
+    code = "import selfsup.ssl, selfsup.finetune, selfsup.tta, selfsup.compress, selfsup.eval, selfsup.data, selfsup.checkpoint, selfsup.architectures"
     subprocess.run([sys.executable, "-c", code], cwd="/", check=True)
 
 

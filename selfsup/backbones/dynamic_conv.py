@@ -15,7 +15,7 @@ reason.
 Models: ``dy_resnet18`` and ``dy_mobilenetv2_100`` (the paper's DY-ResNet-18 and DY-MobileNetV2 x1.0:
 timm's ResNet-18 / MobileNetV2 with every convolution but the stem's made dynamic; MobileNetV2's
 last 1x1 stays static too, which is what the paper's parameter count implies), and
-``dy_resnet_tiny`` for 32 px images (one BasicBlock per stage, widths 32-256, a 3x3 stride-1 stem
+``dy_resnet_tiny`` for 32 px images (one BasicBlock per stage, widths 16-128, a 3x3 stride-1 stem
 without max pool).
 """
 
@@ -200,9 +200,9 @@ def dy_resnet18(pretrained: bool = False, **kwargs) -> DyResNet:
 
 @register_model
 def dy_resnet_tiny(pretrained: bool = False, **kwargs) -> DyResNet:
-    """CPU-sized DY-ResNet for 32 px images: one BasicBlock per stage, widths 32-256."""
+    """CPU-sized DY-ResNet for 32 px images: one BasicBlock per stage, widths 16-128."""
     args = dict(
-        block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32, small_stem=True
+        block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16, small_stem=True
     )
     return build_model_with_cfg(DyResNet, "dy_resnet_tiny", pretrained, **{**args, **kwargs})
 

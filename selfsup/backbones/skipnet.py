@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
@@ -48,7 +50,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return F.relu(self.drop_path(self.bn2(self.conv2(out))) + self.shortcut(x))
 
 
 class GatedBlock(nn.Module):
@@ -102,16 +104,18 @@ class SkipResNet(nn.Module):
         skip_penalty: float = 0.1,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,  # stochastic depth, rising linearly over the blocks (as timm's ResNets)
     ):
         super().__init__()
         self.skip_penalty = skip_penalty
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         layers: list[nn.Module] = []
-        channels = widths[0]
+        channels, total = widths[0], blocks_per_group * len(widths)
         for group, width in enumerate(widths):
             for i in range(blocks_per_group):
-                block = BasicBlock(channels, width, 2 if group > 0 and i == 0 else 1)
+                rate = drop_path_rate * (group * blocks_per_group + i) / max(total - 1, 1)
+                block = BasicBlock(channels, width, 2 if group > 0 and i == 0 else 1, rate)
                 first = group == 0 and i == 0  # the official code always runs the first block
                 layers.append(block if first else GatedBlock(block, channels))
                 channels = width

@@ -1,0 +1,196 @@
+"""CPU-scale model zoo on the CIFAR-10 subset: each architecture against the small ViT at the same budget.
+
+For every architecture: MoCo v3 pretraining (``configs/pretrain/cifar10_subset_cpu.yaml`` with
+``--pretrain-epochs``; convolutional backbones get the paper's ResNet recipe: LARS, lr 0.6 per 256,
+T = 1), the kNN and linear probes of the backbone, fine-tuning (``configs/finetune/cifar10_subset_cpu.yaml``
+with ``--finetune-epochs``), and for SkipNet the share of gated blocks the fine-tuned classifier executes
+on the validation images and its MACs per input. Parameters and MACs are counted at 32 px
+(``selfsup.flops``). Every step is a stage command (printed before it runs) and resumes where it
+stopped when the script is run again. Writes RUNS/zoo.md and RUNS/zoo.json.
+
+    python benchmarks/model_zoo.py --data /tmp/c10/cifar10-20k --runs runs/zoo [--pretrain-epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONV = ["model.patch_size=null", "model.extra={}", "model.frozen_patch_embed=false", "optim.base_lr=0.6"]
+ARCHS = {  # name -> pretraining overrides of the small-ViT config
+    "vit_tiny (MoCo v3 small ViT)": [],
+    "t2t_vit_t_tiny": ["model.arch=t2t_vit_t_tiny", "model.frozen_patch_embed=false"],
+    "botnet_tiny": ["model.arch=botnet_tiny", *CONV],
+    "dy_resnet_tiny": ["model.arch=dy_resnet_tiny", *CONV],
+    "skip_resnet38": ["model.arch=skip_resnet38", *CONV],
+}
+
+
+def slug(name: str) -> str:
+    return name.split(" ")[0]
+
+
+def run(cmd: list[str], times: dict, key: str) -> None:
+    print("$ " + shlex.join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    times[key] = times.get(key, 0.0) + time.perf_counter() - start
+
+
+def skipnet_usage(classifier: Path, data: str) -> dict:
+    """Share of gated blocks the classifier executes on the validation split, MACs per input."""
+    from selfsup.checkpoint import load_classifier
+    from selfsup.data import DataOptions, build_dataset
+    from selfsup.transforms import eval_transform
+
+    model, meta = load_classifier(classifier, "the zoo")
+    val, info = build_dataset(f"imagefolder:{data}", "val", None, DataOptions(val_fraction=0.1, seed=0))
+    transform = eval_transform(meta.img_size, meta.mean, meta.std, info.image_size)
+    model.eval().reset_usage()
+    with torch.no_grad():
+        for start in range(0, len(val), 250):
+            batch = torch.stack([transform(val[i][0]) for i in range(start, min(start + 250, len(val)))])
+            model(batch)
+    return model.usage(meta.img_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="the extracted CIFAR-10 subset (ImageFolder)")
+    parser.add_argument("--runs", default="runs/zoo")
+    parser.add_argument("--pretrain-epochs", type=int, default=2)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="architectures to run (default: all)")
+    args = parser.parse_args()
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    times_path = runs / "times.json"
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    dataset = f"dataset=imagefolder:{args.data}"
+    chosen = {n: o for n, o in ARCHS.items() if not args.only or slug(n) in args.only}
+    # pretraining and probes of every backbone first, then the fine-tunings
+    for name, overrides in chosen.items():
+        key, out = slug(name), runs / slug(name)
+        backbone = out / "pretrain" / "backbone.safetensors"
+        if not backbone.is_file():
+            run(
+                [
+                    str(BIN / "pretrain"),
+                    "--config",
+                    str(REPO / "configs/pretrain/cifar10_subset_cpu.yaml"),
+                    dataset,
+                    f"out={out / 'pretrain'}",
+                    f"epochs={args.pretrain_epochs}",
+                    "monitor_every=0",
+                    "progress_bar=false",
+                    *overrides,
+                ],
+                times,
+                f"{key}/pretrain",
+            )
+            times_path.write_text(json.dumps(times, indent=1))
+        if not (out / "probe" / "metrics.json").is_file():
+            run(
+                [
+                    str(BIN / "probe"),
+                    "--checkpoint",
+                    str(backbone),
+                    "--dataset",
+                    f"imagefolder:{args.data}",
+                    "--val-fraction",
+                    "0.1",
+                    "--out",
+                    str(out / "probe"),
+                ],
+                times,
+                f"{key}/probe",
+            )
+    for name in chosen:
+        key, out = slug(name), runs / slug(name)
+        if not (out / "finetune" / "last.safetensors").is_file():
+            run(
+                [
+                    str(BIN / "finetune"),
+                    "--config",
+                    str(REPO / "configs/finetune/cifar10_subset_cpu.yaml"),
+                    dataset,
+                    f"checkpoint={out / 'pretrain' / 'backbone.safetensors'}",
+                    f"out={out / 'finetune'}",
+                    f"epochs={args.finetune_epochs}",
+                    "progress_bar=false",
+                ],
+                times,
+                f"{key}/finetune",
+            )
+            times_path.write_text(json.dumps(times, indent=1))
+    rows = [_row(name, slug(name), runs / slug(name), args.data, times) for name in chosen]
+    hardware = f"{platform.processor() or platform.machine()}; {torch.get_num_threads()} torch threads"
+    (runs / "zoo.json").write_text(
+        json.dumps({"rows": rows, "machine": hardware, "args": vars(args)}, indent=1)
+    )
+    table = _markdown(rows)
+    (runs / "zoo.md").write_text(table)
+    print(table)
+
+
+def _row(name: str, key: str, out: Path, data: str, times: dict) -> dict:
+    import selfsup.architectures  # noqa: F401
+    from selfsup.checkpoint import load_backbone
+    from selfsup.flops import count_macs, count_params
+
+    backbone, meta = load_backbone(out / "pretrain" / "backbone.safetensors")
+    probe = json.loads((out / "probe" / "metrics.json").read_text())["models"][0]
+    history = [
+        json.loads(line)
+        for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    row = {
+        "name": name,
+        "arch": meta.spec.arch,
+        "params_m": count_params(backbone) / 1e6,
+        "mmacs": count_macs(backbone, torch.zeros(1, 3, meta.img_size, meta.img_size)) / 1e6,
+        "knn_top1": probe["knn"]["20"]["top1"],
+        "linear_top1": probe["linear"]["top1"],
+        "finetune_top1": history[-1]["top1"],  # after the last epoch
+        "pretrain_min": times.get(f"{key}/pretrain", 0) / 60,
+        "finetune_min": times.get(f"{key}/finetune", 0) / 60,
+    }
+    if meta.spec.arch.startswith("skip_"):
+        row["skipnet"] = skipnet_usage(out / "finetune" / "last.safetensors", data)
+    return row
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = [
+        "| backbone | params (M) | MMACs @ 32 px | kNN top-1 (k=20) | linear top-1 | fine-tuned top-1 | pretrain min | fine-tune min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['params_m']:.2f} | {r['mmacs']:.1f} | {r['knn_top1']:.2f} | {r['linear_top1']:.2f} | "
+            f"{r['finetune_top1']:.2f} | {r['pretrain_min']:.1f} | {r['finetune_min']:.1f} |"
+        )
+    for r in rows:
+        if "skipnet" in r:
+            s = r["skipnet"]
+            lines.append(
+                f"\n{r['name']}: the fine-tuned classifier executes {100 * s['executed_share']:.1f}% of its gated "
+                f"blocks on the validation images: {s['macs_per_input'] / 1e6:.1f} MMACs per input against "
+                f"{s['macs_full'] / 1e6:.1f} with every block run."
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
