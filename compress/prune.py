@@ -15,9 +15,16 @@ from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
+from timm.layers.bottleneck_attn import BottleneckAttn
+from timm.models.byobnet import SelfAttnBlock
 from timm.models.vision_transformer import Attention
 from torch import nn
 
+from selfsup.backbones.dynamic_conv import DynamicConv2d
+from selfsup.backbones.hooks import auxiliary_loss
+from selfsup.backbones.skipnet import GatedBlock
+from selfsup.errors import UsageError
+from selfsup.flops import count_macs, count_params
 from selfsup.models import is_vit
 
 
@@ -36,9 +43,10 @@ class PruneResult:
 
 
 def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """(MACs, parameters) of one forward pass on ``example`` (torch-pruning's counter)."""
-    macs, params = tp.utils.count_ops_and_params(model, example)
-    return int(macs), int(params)
+    """(MACs, parameters) of one forward pass on ``example`` in eval mode (PyTorch's FLOP counter:
+    it sees inside every layer, the project's dynamic convolutions and timm's attention included;
+    for SkipNet, the blocks this example's gates run)."""
+    return count_macs(model, example), count_params(model)
 
 
 def _heads(model: nn.Module) -> list[nn.Module]:
@@ -48,10 +56,16 @@ def _heads(model: nn.Module) -> list[nn.Module]:
 
 
 def _ignored(model: nn.Module) -> list[nn.Module]:
-    """Layers whose outputs keep their width: the classifier, and for ViTs everything but the qkv
-    projections (heads) and the MLPs' first layers (hidden neurons), so the residual width stays."""
+    """Layers whose outputs keep their width: the classifier; BoTNet's self-attention blocks (their
+    attention and convolutions: DepGraph's group search does not finish through them); and for ViTs
+    everything but the qkv projections (heads) and the MLPs' first layers (hidden neurons), so the
+    residual width stays."""
     if not is_vit(model):
-        return _heads(model)
+        attention_blocks = [m for m in model.modules() if isinstance(m, SelfAttnBlock)]
+        inside = [
+            m for b in attention_blocks for m in b.modules() if isinstance(m, nn.Conv2d | BottleneckAttn)
+        ]
+        return _heads(model) + inside
     keep = {m for blk in model.blocks for m in (blk.attn.qkv, blk.mlp.fc1)}
     return [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d) and m not in keep]
 
@@ -64,6 +78,22 @@ def sync_attention(model: nn.Module, num_heads: dict[nn.Module, int]) -> None:
             module.head_dim = module.qkv.out_features // (3 * module.num_heads)
             module.attn_dim = module.num_heads * module.head_dim
             module.scale = module.head_dim**-0.5
+
+
+def _traced_forward(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    """The forward pass DepGraph traces: SkipNet's gates in their straight-through (training) form,
+    so the gates' layers are on the graph (in eval mode their decisions carry no gradient); the rest
+    of the model, BatchNorm included, stays in eval mode."""
+    gates = [m for m in model.modules() if isinstance(m, GatedBlock)]
+    for gate in gates:
+        gate.training = True
+    try:
+        out = model(example)
+    finally:
+        for gate in gates:
+            gate.training = False
+        auxiliary_loss(model)  # the straight-through pass recorded its decisions: drop them
+    return out
 
 
 def _prune_once(model: nn.Module, example: torch.Tensor, ratio: float) -> None:
@@ -83,6 +113,7 @@ def _prune_once(model: nn.Module, example: torch.Tensor, ratio: float) -> None:
         pruner = tp.pruner.MetaPruner(
             model,
             example,
+            forward_fn=_traced_forward,
             importance=tp.importance.GroupMagnitudeImportance(p=1),
             pruning_ratio=ratio,
             iterative_steps=1,
@@ -98,6 +129,12 @@ def prune_l1(model: nn.Module, example: torch.Tensor, target: float, search_step
     """Prune ``model`` in place so that its measured MACs are at most ``target`` x the original's, as
     close to it as the structure allows: the share of each group to remove is searched by bisection
     on copies (heads come in whole units, so the MACs move in steps), then applied once."""
+    if any(isinstance(m, DynamicConv2d) for m in model.modules()):
+        raise UsageError(
+            "L1 pruning of dynamic convolutions (DY-ResNet, DY-MobileNetV2) is not supported: torch-pruning's "
+            "dependency graph does not follow a layer whose kernels are mixed per sample; compress it with "
+            "--quantize int8-dynamic|int8-static only"
+        )
     model.eval()
     macs0, params0 = count(model, example)
     low, high = 0.0, 0.95
