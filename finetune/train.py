@@ -53,6 +53,7 @@ from selfsup.loop import (
     on_main,
     start_process,
 )
+from selfsup.models import is_vit
 from selfsup.runstate import truncate_log
 from selfsup.schedules import apply_lr, scaled_lr, warmup_cosine
 from selfsup.transforms import eval_crop_pct
@@ -242,7 +243,7 @@ def _facts(config: FinetuneConfig, start: Start, pipeline: Pipeline) -> list[str
         + (f", patch {spec.patch_size}" if spec.patch_size else "")
         + f"; {config.epochs} epochs, global batch {config.batch_size}, precision {config.mixed_precision}.",
     ]
-    if is_low_res(spec.img_size):
+    if is_low_res(spec.img_size) and is_vit(start.model):  # patches are a ViT matter
         facts.append(f"**{low_res_note(spec.img_size, spec.patch_size)}.**")
     if config.distill.teacher:
         facts.append(f"Distilled from {config.distill.teacher} ({config.distill.kind}).")
@@ -260,7 +261,7 @@ def _run(
     model = start.model
     if uses_distillation_token(model):
         model.set_distilled_training(True)  # training returns both heads; evaluation their mean
-    if main and is_low_res(start.spec.img_size):
+    if main and is_low_res(start.spec.img_size) and is_vit(model):
         print(f"note: {low_res_note(start.spec.img_size, start.spec.patch_size)}", file=sys.stderr)
     o = config.optim
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=0.0, betas=o.betas)

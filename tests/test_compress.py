@@ -22,6 +22,7 @@ from selfsup.compress.prune import count, prune_l1
 from selfsup.compress.quantize import check_export, export_onnx, quantize, run_onnx, session
 from selfsup.compress.settings import CompressConfig
 from selfsup.config import load_config
+from selfsup.errors import UsageError
 from selfsup.models import BackboneSpec, create_backbone
 from selfsup.runstate import complete_checkpoints
 from selfsup.shapes import apply_shapes, shape_manifest
@@ -68,18 +69,24 @@ def trained(tmp_path_factory):
     return model, path, x[1400:], y[1400:]
 
 
-@pytest.mark.parametrize("spec", [VIT, CNN], ids=["vit", "cnn"])
-def test_pruning_reaches_the_target_macs_and_the_model_still_trains(spec):
+BOTNET = BackboneSpec("botnet_tiny", 32, None, pos_embed="learned")
+SKIPNET = BackboneSpec("skip_resnet38", 32, None, pos_embed="learned")
+
+
+@pytest.mark.parametrize(
+    "spec,steps", [(VIT, 7), (CNN, 7), (BOTNET, 7), (SKIPNET, 4)], ids=["vit", "cnn", "botnet", "skipnet"]
+)
+def test_pruning_reaches_the_target_macs_and_the_model_still_trains(spec, steps):
     torch.manual_seed(0)
     model = create_backbone(spec, 10)
     x = torch.randn(2, 3, 32, 32)
-    result = prune_l1(model, x, 0.5, search_steps=7)
+    result = prune_l1(model, x, 0.5, search_steps=steps)
     assert 0.4 <= result.macs_ratio <= 0.5  # at most the target, and near it
     assert (
         count(model, x) == (result.macs_after, result.params_after)
         and result.params_after < result.params_before
     )
-    out = model(x)
+    out = model.train()(x)  # training mode: SkipNet's gates pass gradients (straight-through)
     out.sum().backward()
     assert out.shape == (2, 10) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
     if spec is VIT:
@@ -88,6 +95,12 @@ def test_pruning_reaches_the_target_macs_and_the_model_still_trains(spec):
             assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim == 3 * attn.attn_dim
             assert attn.proj.in_features == attn.attn_dim and attn.head_dim == 16
         assert model.patch_embed.proj.out_channels == 64 and model.head.in_features == 64  # kept whole
+
+
+def test_dynamic_convolutions_are_refused_for_pruning():
+    model = create_backbone(BackboneSpec("dy_resnet_tiny", 32, None, pos_embed="learned"), 10)
+    with pytest.raises(UsageError, match="dynamic convolutions"):
+        prune_l1(model, torch.randn(1, 3, 32, 32), 0.5)
 
 
 def test_a_pruned_checkpoint_reloads_without_torch_pruning(trained, tmp_path):
