@@ -31,7 +31,8 @@ ARCHS = {  # name -> pretraining overrides of the small-ViT config
     "vit_tiny (MoCo v3 small ViT)": [],
     "t2t_vit_t_tiny": ["model.arch=t2t_vit_t_tiny", "model.frozen_patch_embed=false"],
     "botnet_tiny": ["model.arch=botnet_tiny", *CONV],
-    "dy_resnet_tiny": ["model.arch=dy_resnet_tiny", *CONV],
+    # the paper anneals the attention temperature over the first 10% of training (10 of 100 epochs)
+    "dy_resnet_tiny": ["model.arch=dy_resnet_tiny", *CONV, "model.extra.anneal_epochs=0.2"],
     "skip_resnet38": ["model.arch=skip_resnet38", *CONV],
 }
 
