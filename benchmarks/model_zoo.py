@@ -164,17 +164,24 @@ def _row(name: str, key: str, out: Path, data: str, times: dict) -> dict:
         "knn_top1": probe["knn"]["20"]["top1"],
         "linear_top1": probe["linear"]["top1"],
         "finetune_top1": history[-1]["top1"],  # after the last epoch
-        "pretrain_min": times.get(f"{key}/pretrain", 0) / 60,
-        "finetune_min": times.get(f"{key}/finetune", 0) / 60,
+        "pretrain_min": _step_minutes(out / "pretrain" / "log.jsonl"),
+        "finetune_min": _step_minutes(out / "finetune" / "log.jsonl"),
     }
     if meta.spec.arch.startswith("skip_"):
         row["skipnet"] = skipnet_usage(out / "finetune" / "last.safetensors", data)
     return row
 
 
+def _step_minutes(log: Path) -> float:
+    """Minutes of training steps (data wait + compute) in a run log: start-up, evaluation and export
+    excluded, and a run that was stopped and resumed counted once."""
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return sum(r["data_s"] + r["compute_s"] for r in records if "event" not in r) / 60
+
+
 def _markdown(rows: list[dict]) -> str:
     lines = [
-        "| backbone | params (M) | MMACs @ 32 px | kNN top-1 (k=20) | linear top-1 | fine-tuned top-1 | pretrain min | fine-tune min |",
+        "| backbone | params (M) | MMACs @ 32 px | kNN top-1 (k=20) | linear top-1 | fine-tuned top-1 | pretraining steps (min) | fine-tuning steps (min) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

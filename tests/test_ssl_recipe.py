@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import REPO
 from torch import nn
 
 from selfsup.config import load_config
-from selfsup.models import BackboneSpec, create_backbone, sincos_pos_embed
+from selfsup.models import MOCO_V3_ARCHS, BackboneSpec, create_backbone, is_vit, sincos_pos_embed
 from selfsup.schedules import scaled_lr
 from selfsup.schedules import warmup_cosine as learning_rate
 from selfsup.ssl.builder import MoCoV3, build_model, contrastive_loss, gather_keys
@@ -225,11 +226,13 @@ def test_lars_step_matches_the_update_rule():
     assert torch.allclose(b, b0 - 0.5 * gb, atol=1e-7)  # first step: momentum buffer = the gradient
 
 
-@pytest.mark.parametrize(
-    "name", ["vit_small_in1k", "vit_base_in1k", "vit_base_in22k", "digits_cpu", "cifar10_subset_cpu"]
-)
-def test_every_shipped_config_loads(name):
-    from conftest import REPO
-
-    config = load_config(PretrainConfig, REPO / "configs" / "pretrain" / f"{name}.yaml")
-    create_backbone(BackboneSpec(**{**config.model.to_dict(), "extra": {**config.model.extra, "depth": 1}}))
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_gets_its_kinds_recipe(path):
+    config = load_config(PretrainConfig, path)
+    spec = config.model
+    if spec.arch in MOCO_V3_ARCHS:  # one block is enough to check the ViT's options
+        spec = BackboneSpec(**{**spec.to_dict(), "extra": {**spec.extra, "depth": 1}})
+    vit = is_vit(create_backbone(spec))
+    assert vit == (spec.arch in MOCO_V3_ARCHS or spec.arch.startswith("t2t_"))
+    resolve_recipe(config, vit)
+    assert config.optim.name == ("adamw" if vit else "lars")
