@@ -160,7 +160,7 @@ class DyMobileNetV2(EfficientNet):
     def __init__(self, *args, num_kernels: int = 4, anneal_epochs: float = ANNEAL_EPOCHS, **kwargs):
         super().__init__(*args, **kwargs)
         # The last 1x1 (320 -> 1280 features) stays static: dynamic, the model has 12.4M parameters
-        # against the paper's 11.1M; static, 11.2M (MACs agree either way: 312 vs 313M)
+        # against the paper's 11.1M; static, 11.15M (MACs agree either way: 310-312 vs 313M)
         make_dynamic(
             self, skip=("conv_stem", "conv_head"), num_kernels=num_kernels, anneal_epochs=anneal_epochs
         )
