@@ -26,7 +26,12 @@ from selfsup.ssl.settings import AugmentSettings
 def byol_views(
     settings: AugmentSettings, input_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[Callable, Callable]:
-    """The two view transforms (PIL image -> normalised tensor)."""
+    """The two view transforms (PIL image -> normalised tensor); ``min_scale`` must be resolved
+    (the pretraining stage fills it from the backbone's recipe when it builds the model)."""
+    if settings.min_scale is None:
+        raise ValueError(
+            "augment.min_scale is unresolved: build the model first (ssl.settings.resolve_recipe)"
+        )
     b, c, s, h = settings.jitter
     scale = input_size / settings.blur_reference_size if settings.blur_reference_size else 1.0
     common = dict(

@@ -216,3 +216,15 @@ def test_three_moco_v3_steps_on_digits(kind, tmp_path):
     assert config.optim.name == recipe and config.moco.temperature == (0.2 if recipe == "adamw" else 1.0)
     loaded, meta = load_backbone(result.backbone)
     assert meta.spec.arch == arch and loaded.num_features > 0
+
+
+@pytest.mark.parametrize("kind", list(SMALL))
+def test_onnx_export_matches_torch_at_any_batch_size(kind, tmp_path):
+    """The deployment path of the compression stage: SkipNet exports its dense form (every block
+    runs, the gate selects), DynamicConv its K-output form (no batch size in the graph)."""
+    from selfsup.compress.quantize import check_export, export_onnx
+
+    torch.manual_seed(0)
+    model = create_backbone(SMALL[kind], num_classes=10).eval()
+    path = export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / f"{kind}.onnx")
+    assert check_export(model, path, torch.randn(5, 3, 32, 32)) < 1e-4

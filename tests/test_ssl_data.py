@@ -28,7 +28,7 @@ def test_epochs_differ_and_a_resumed_sampler_continues_the_same_order():
 
 def test_views_depend_only_on_seed_epoch_and_index_and_leave_global_rngs_alone():
     dataset, info = build_dataset("synthetic", "train", None, synthetic_size=8)
-    views = TwoViews(dataset, *byol_views(AugmentSettings(), 32, info.mean, info.std))
+    views = TwoViews(dataset, *byol_views(AugmentSettings(min_scale=0.08), 32, info.mean, info.std))
     items = [(i, sample_seed(0, 1, i)) for i in range(4)]
     first = [views[item] for item in items]
     torch.manual_seed(123)
@@ -47,11 +47,11 @@ def test_blur_is_scaled_to_the_image_size():
     def sigmas(view):
         return next(t for t in view.transform.transforms if isinstance(t, GaussianBlur)).sigmas
 
-    view1, _ = byol_views(AugmentSettings(), 32, (0.5,) * 3, (0.25,) * 3)
+    view1, _ = byol_views(AugmentSettings(min_scale=0.08), 32, (0.5,) * 3, (0.25,) * 3)
     assert sigmas(view1) == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
-    view1, _ = byol_views(AugmentSettings(), 224, (0.5,) * 3, (0.25,) * 3)
+    view1, _ = byol_views(AugmentSettings(min_scale=0.08), 224, (0.5,) * 3, (0.25,) * 3)
     assert sigmas(view1) == (0.1, 2.0)
-    absolute = AugmentSettings(blur_sigmas=(0.1, 1.0), blur_reference_size=None)
+    absolute = AugmentSettings(min_scale=0.08, blur_sigmas=(0.1, 1.0), blur_reference_size=None)
     assert sigmas(byol_views(absolute, 32, (0.5,) * 3, (0.25,) * 3)[0]) == (0.1, 1.0)
 
 

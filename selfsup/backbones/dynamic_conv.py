@@ -83,6 +83,8 @@ class DynamicConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         pi = self.kernel_attention(x)
+        if torch.compiler.is_exporting():  # ONNX/torch.export: a grouped convolution fixes the batch size
+            return self._mixed_outputs(x, pi)
         weight = (pi @ self.weight.flatten(1)).reshape(b * self.out_channels, -1, *self.kernel_size)
         bias = (pi @ self.bias).flatten() if self.bias is not None else None
         y = F.conv2d(
@@ -95,6 +97,16 @@ class DynamicConv2d(nn.Module):
             self.groups * b,
         )
         return y.reshape(b, self.out_channels, *y.shape[-2:])
+
+    def _mixed_outputs(self, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+        """The same result by linearity, sum_k pi_k (W_k * x + b_k): the K static kernels as one
+        convolution, then the per-sample mix. K times the MACs, but no batch size in the graph."""
+        k, out = self.num_kernels, self.out_channels
+        weight = self.weight.reshape(k * out, *self.weight.shape[2:])
+        bias = self.bias.reshape(-1) if self.bias is not None else None
+        y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        y = y.reshape(x.shape[0], k, out, *y.shape[-2:])
+        return (pi[:, :, None, None, None] * y).sum(1)
 
     def extra_repr(self) -> str:
         return (

@@ -14,6 +14,8 @@ gradient through the decision):
 * inference: a skipped block does no work: only the samples whose gate opened go through it (a
   skipped downsampling block still applies its 1x1 shortcut, as in the official code).
   :meth:`SkipResNet.usage` reports the measured share of blocks executed and MACs per input.
+  An exported graph (ONNX, ``torch.export``) cannot change shape with the data: there every block
+  runs and the gate selects its output or the shortcut (the same outputs, no savings).
 
 Every block except the network's first is gated, as in the official code. Written by hand: no
 maintained library has per-sample skipping with trainable gates.
@@ -83,6 +85,8 @@ class GatedBlock(nn.Module):
                 self.decisions.append(g)
             skip = self.block.shortcut(x)
             return skip + g.view(-1, 1, 1, 1) * (self.block(x) - skip)
+        if torch.compiler.is_exporting():  # ONNX/torch.export: no data-dependent shapes; every block runs
+            return torch.where(hard.bool().view(-1, 1, 1, 1), self.block(x), self.block.shortcut(x))
         run = hard.nonzero().squeeze(1)
         self.executed += int(run.numel())
         self.seen += x.shape[0]
