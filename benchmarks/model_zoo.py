@@ -1,8 +1,8 @@
 """CPU-scale model zoo on the CIFAR-10 subset: each architecture against the small ViT at the same budget.
 
 For every architecture: MoCo v3 pretraining (``configs/pretrain/cifar10_subset_cpu.yaml`` with
-``--pretrain-epochs``; convolutional backbones get the paper's ResNet recipe: LARS, lr 0.6 per 256,
-T = 1), the kNN and linear probes of the backbone, fine-tuning (``configs/finetune/cifar10_subset_cpu.yaml``
+``--pretrain-epochs``, or the architecture's own ``configs/pretrain/*_cifar10_subset_cpu.yaml``:
+convolutional backbones get the paper's ResNet recipe, LARS, lr 0.6 per 256, T = 1), the kNN and linear probes of the backbone, fine-tuning (``configs/finetune/cifar10_subset_cpu.yaml``
 with ``--finetune-epochs``), and for SkipNet the share of gated blocks the fine-tuned classifier executes
 on the validation images and its MACs per input. Parameters and MACs are counted at 32 px
 (``selfsup.flops``). Every step is a stage command (printed before it runs) and resumes where it
@@ -26,14 +26,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CONV = ["model.patch_size=null", "model.extra={}", "model.frozen_patch_embed=false", "optim.base_lr=0.6"]
-ARCHS = {  # name -> pretraining overrides of the small-ViT config
-    "vit_tiny (MoCo v3 small ViT)": [],
-    "t2t_vit_t_tiny": ["model.arch=t2t_vit_t_tiny", "model.frozen_patch_embed=false"],
-    "botnet_tiny": ["model.arch=botnet_tiny", *CONV],
+BASE = "configs/pretrain/cifar10_subset_cpu.yaml"  # the small ViT's
+ARCHS = {  # name -> (pretraining config, overrides)
+    "vit_tiny (MoCo v3 small ViT)": (BASE, []),
+    "t2t_vit_t_tiny": (BASE, ["model.arch=t2t_vit_t_tiny", "model.frozen_patch_embed=false"]),
+    "botnet_tiny": ("configs/pretrain/botnet_tiny_cifar10_subset_cpu.yaml", []),
     # the paper anneals the attention temperature over the first 10% of training (10 of 100 epochs)
-    "dy_resnet_tiny": ["model.arch=dy_resnet_tiny", *CONV, "model.extra.anneal_epochs=0.2"],
-    "skip_resnet38": ["model.arch=skip_resnet38", *CONV],
+    "dy_resnet_tiny": (
+        "configs/pretrain/dy_resnet_tiny_cifar10_subset_cpu.yaml",
+        ["model.extra.anneal_epochs=0.2"],
+    ),
+    "skip_resnet38": ("configs/pretrain/skip_resnet38_cifar10_subset_cpu.yaml", []),
 }
 
 
@@ -80,7 +83,7 @@ def main() -> None:
     dataset = f"dataset=imagefolder:{args.data}"
     chosen = {n: o for n, o in ARCHS.items() if not args.only or slug(n) in args.only}
     # pretraining and probes of every backbone first, then the fine-tunings
-    for name, overrides in chosen.items():
+    for name, (config, overrides) in chosen.items():
         key, out = slug(name), runs / slug(name)
         backbone = out / "pretrain" / "backbone.safetensors"
         if not backbone.is_file():
@@ -88,7 +91,7 @@ def main() -> None:
                 [
                     str(BIN / "pretrain"),
                     "--config",
-                    str(REPO / "configs/pretrain/cifar10_subset_cpu.yaml"),
+                    str(REPO / config),
                     dataset,
                     f"out={out / 'pretrain'}",
                     f"epochs={args.pretrain_epochs}",
