@@ -47,8 +47,8 @@ def export_latest(config: PretrainConfig) -> Path:
     if checkpoint is None:
         raise UsageError(f"export_only: no complete checkpoint under {config.out}/checkpoints; train first")
     position = load_position(checkpoint)
+    model = build_model(config)  # resolves the recipe keys, as the run that saved the checkpoint did
     check_resume_config(checkpoint, position, to_dict(config), config.force_resume, RESUMABLE_CHANGES)
-    model = build_model(config)
     state = load_file(str(checkpoint / MODEL_FILE))
     model.load_state_dict(state)
     return export_backbone(model.backbone, config, position.data)

@@ -78,6 +78,7 @@ def test_pretraining_uses_every_image_of_a_folder_without_val_unless_told_to_hol
                 "num_workers=0",
                 f"hold_out_val={hold_out}",
                 "val_fraction=0.2",
+                "augment.min_scale=0.08",  # a recipe key the model would resolve
             ],
         )
         sizes[hold_out] = len(build_pipeline(cfg, 0, 1, torch.device("cpu")).dataset)
