@@ -1,7 +1,10 @@
 """The seed's 2021 architectures as backbones: each builds at 32 px and its paper size, trains, counts
 parameters and MACs within a stated tolerance of its paper's table, and survives a checkpoint round
-trip (stock timm rebuilds it after ``import selfsup.architectures``). DynamicConv's per-sample
+trip (stock timm rebuilds it after ``import selfsup.architectures``), pretrains with MoCo v3 and goes
+through the probe, fine-tuning and ONNX export. DynamicConv's per-sample
 kernels equal a loop over samples; SkipNet's gates skip per sample and a skipped block costs nothing."""
+
+import json
 
 import pytest
 import timm
@@ -202,7 +205,8 @@ MOCO_DIGITS = [
 
 
 @pytest.mark.parametrize("kind", list(SMALL))
-def test_three_moco_v3_steps_on_digits(kind, tmp_path):
+@pytest.mark.slow
+def test_three_moco_v3_steps_on_digits_then_probe_and_finetune(kind, tmp_path):
     from selfsup.config import load_config
     from selfsup.ssl.settings import PretrainConfig
     from selfsup.ssl.train import train
@@ -216,6 +220,37 @@ def test_three_moco_v3_steps_on_digits(kind, tmp_path):
     assert config.optim.name == recipe and config.moco.temperature == (0.2 if recipe == "adamw" else 1.0)
     loaded, meta = load_backbone(result.backbone)
     assert meta.spec.arch == arch and loaded.num_features > 0
+    # the next stages take it: the kNN probe and fine-tuning (2 steps)
+    from selfsup.eval import cli as probe_cli
+    from selfsup.finetune.settings import FinetuneConfig
+    from selfsup.finetune.train import train as finetune
+
+    probe_cli.main(
+        [
+            "--checkpoint",
+            str(result.backbone),
+            "--dataset",
+            "digits",
+            "--method",
+            "knn",
+            "--out",
+            str(tmp_path / "probe"),
+        ]
+    )
+    knn = json.loads((tmp_path / "probe" / "metrics.json").read_text())["models"][0]["knn"]
+    assert 0 <= knn["20"]["top1"] <= 100
+    tuned = finetune(
+        load_config(
+            FinetuneConfig,
+            None,
+            [
+                f"checkpoint={result.backbone}", "dataset=digits", "epochs=2", "optim.warmup_epochs=1",
+                "max_steps=2", "batch_size=16", "num_workers=0", "threads=1", "progress_bar=false",
+                f"out={tmp_path / 'finetune'}",
+            ],
+        )
+    )  # fmt: skip
+    assert tuned.status == "finished" and tuned.last is not None
 
 
 @pytest.mark.parametrize("kind", list(SMALL))
