@@ -131,6 +131,7 @@ def main() -> None:
                     f"checkpoint={out / 'pretrain' / 'backbone.safetensors'}",
                     f"out={out / 'finetune'}",
                     f"epochs={args.finetune_epochs}",
+                    f"optim.warmup_epochs={args.finetune_epochs / 8:g}",  # the config's 1 of 8, scaled
                     "progress_bar=false",
                 ],
                 times,
