@@ -21,6 +21,8 @@ from __future__ import annotations
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
+from selfsup.backbones.cfgs import timm_cfg
+
 MODEL_CFGS = {
     "botnet50": ByoModelCfg(
         blocks=(
@@ -53,23 +55,13 @@ MODEL_CFGS = {
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "first_conv": "stem.conv",
-        "classifier": "head.fc",
-        **kwargs,
-    }
+    return timm_cfg(
+        **{"fixed_input_size": True, "first_conv": "stem.conv", "classifier": "head.fc", **kwargs}
+    )
 
 
 default_cfgs = generate_default_cfgs(
-    {"botnet50": _cfg(), "botnet_tiny": _cfg(input_size=(3, 32, 32), crop_pct=1.0, first_conv="stem.conv")}
+    {"botnet50": _cfg(), "botnet_tiny": _cfg(input_size=(3, 32, 32), crop_pct=1.0)}
 )
 
 

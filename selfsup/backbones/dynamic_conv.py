@@ -31,6 +31,8 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
+from selfsup.backbones.cfgs import timm_cfg
+
 TEMPERATURE_START = 30.0
 ANNEAL_EPOCHS = 10.0
 
@@ -179,18 +181,7 @@ class DyMobileNetV2(EfficientNet):
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "crop_pct": 0.875,
-        "interpolation": "bilinear",
-        "first_conv": "conv1",
-        "classifier": "fc",
-        **kwargs,
-    }
+    return timm_cfg(**{"interpolation": "bilinear", "first_conv": "conv1", "classifier": "fc", **kwargs})
 
 
 default_cfgs = generate_default_cfgs(

@@ -32,6 +32,8 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from selfsup.backbones.cfgs import timm_cfg
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_path: float = 0.0):
@@ -223,18 +225,9 @@ class _Shortcut(nn.Module):
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "mean": (0.4914, 0.4822, 0.4465),
-        "std": (0.2470, 0.2435, 0.2616),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "first_conv": "conv1",
-        "classifier": "fc",
-        **kwargs,
-    }
+    cifar = dict(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear")
+    stats = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    return timm_cfg(**{**cifar, **stats, "first_conv": "conv1", "classifier": "fc", **kwargs})
 
 
 default_cfgs = generate_default_cfgs({"skip_resnet110": _cfg(), "skip_resnet38": _cfg()})

@@ -25,6 +25,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from selfsup.backbones.cfgs import timm_cfg
+
 # (kernel, stride, padding) of each soft split: the paper's (7,4),(3,2),(3,2) at 224 px (stride 16,
 # 14x14 tokens) and, for 32 px images, (3,2),(3,2),(3,1) (stride 4: 8x8 tokens, as a patch-4 ViT).
 PAPER_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
@@ -105,18 +107,9 @@ class T2TEmbed(nn.Module):
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "first_conv": "patch_embed.unfolds.0",
-        "classifier": "head",
-        **kwargs,
-    }
+    return timm_cfg(
+        **{"crop_pct": 0.9, "first_conv": "patch_embed.unfolds.0", "classifier": "head", **kwargs}
+    )
 
 
 default_cfgs = generate_default_cfgs(
