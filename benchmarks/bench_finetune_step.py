@@ -8,7 +8,7 @@ soft-target cross-entropy, the NaN-policy split of forward and update); "plain" 
 ``F.cross_entropy(model(x), y)``, ``backward()``, ``AdamW.step()``.
 
     .venv/bin/python benchmarks/bench_finetune_step.py                    # both cases, fp32
-    .venv/bin/python benchmarks/bench_finetune_step.py --cases vit_tiny32_p4 --repeats 10 --precision bf16
+    .venv/bin/python benchmarks/bench_finetune_step.py --cases vit_tiny32_p4 --repeats 10 --mixed-precision bf16
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from selfsup.config import load_config
 from selfsup.finetune.settings import FinetuneConfig
 from selfsup.finetune.train import FinetuneStep, _criterion, _mixup, param_groups
 from selfsup.models import BackboneSpec, create_backbone
-from selfsup.precision import describe_cpu
+from selfsup.precision import PRECISIONS, autocast, describe_cpu, resolve_precision
 
 CASES = {
     # name: (backbone spec, batch)
@@ -45,13 +45,15 @@ NUM_CLASSES = 10
 def _plain(spec: BackboneSpec, device: torch.device, precision: str):
     model = create_backbone(spec, NUM_CLASSES).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # as accelerate does for fp16
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, precision):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         return float(loss.detach())
 
     return step
@@ -84,6 +86,7 @@ def measure(case: str, repeats: int, precision: str) -> dict:
     spec, batch = CASES[case]
     torch.manual_seed(0)
     stage, device = _stage(spec, precision)
+    precision = resolve_precision(precision, device)  # the plain step autocasts as the stage resolved
     plain = _plain(spec, device, precision)
     x = torch.randn(batch, 3, spec.img_size, spec.img_size, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
@@ -114,16 +117,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--precision", default="no", choices=["no", "bf16"])
+    parser.add_argument("--mixed-precision", default="no", choices=PRECISIONS)
+    parser.add_argument("--smoke", action="store_true", help="one tiny case, one step (CI)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.smoke:
+        args.cases, args.repeats = ["vit_tiny32_p4"], 1
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# machine: {describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| case | batch | precision | plain img/s | selfsup img/s | selfsup / plain |")
     print("|---|---|---|---|---|---|")
     for case in args.cases:
-        r = measure(case, args.repeats, args.precision)
+        r = measure(case, args.repeats, args.mixed_precision)
         print(
             f"| {r['case']} | {r['batch']} | {r['precision']} | {r['plain_images_per_s']:.1f} | "
             f"{r['selfsup_images_per_s']:.1f} | {r['ratio_selfsup_over_plain']:.3f} |"

@@ -263,7 +263,12 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--memory-train", type=int, default=1_000_000, help="0 skips the memory check")
     p.add_argument("--memory-test", type=int, default=1_000)
+    p.add_argument("--smoke", action="store_true", help="each section once at a tiny size (CI)")
     args = p.parse_args()
+    if args.smoke:
+        args.n_train, args.n_test, args.dim, args.classes = 2_000, 200, 32, 10
+        args.scale_train, args.scale_test, args.scale_classes = 20_000, 200, 10
+        args.memory_train, args.memory_test = 2_000, 100
     machine()
     # Shares use the peak measured first; it is measured again at the end because other jobs on a
     # shared machine change it (both are printed: a share is only as good as the peak next to it).

@@ -75,8 +75,12 @@ def plain_step_factory(backbone, dim, mlp_dim, precision, device):
         q, k = nn.functional.normalize(q, dim=1), nn.functional.normalize(k, dim=1)
         return nn.functional.cross_entropy(q @ k.T / t, torch.arange(q.shape[0], device=q.device)) * 2 * t
 
+    from selfsup.precision import autocast
+
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # as accelerate does for fp16
+
     def step(x1, x2, m=0.99):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, precision):
             q1, q2 = pred(base(x1)), pred(base(x2))
             with torch.no_grad():
                 for pb, pm in zip(base.parameters(), mom.parameters()):
@@ -84,8 +88,9 @@ def plain_step_factory(backbone, dim, mlp_dim, precision, device):
                 k1, k2 = mom(x1), mom(x2)
             loss = ctr(q1, k2) + ctr(q2, k1)
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         return loss
 
     return step
@@ -116,16 +121,19 @@ def selfsup_step_factory(spec, dim, mlp_dim, precision):
 def run_one(case: str, impl: str, precision: str, steps: int, warmup: int, threads: int | None) -> dict:
     import torch
 
+    from selfsup.accel import default_device
     from selfsup.models import BackboneSpec, create_backbone
+    from selfsup.precision import resolve_precision
 
     if threads:
         torch.set_num_threads(threads)
+    precision = resolve_precision(precision, default_device())  # both implementations in the same one
     torch.manual_seed(0)
     spec, (dim, mlp_dim), batch = CASES[case]
     if impl == "selfsup":
         step, device = selfsup_step_factory(spec, dim, mlp_dim, precision)
     else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device()
         step = plain_step_factory(
             create_backbone(BackboneSpec(**spec, frozen_patch_embed=True)), dim, mlp_dim, precision, device
         )
@@ -169,7 +177,9 @@ def run_one(case: str, impl: str, precision: str, steps: int, warmup: int, threa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument("--precisions", nargs="*", default=["no", "bf16"])
+    parser.add_argument(
+        "--precisions", nargs="*", default=["no", "bf16"], choices=["auto", "no", "bf16", "fp16"]
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
@@ -179,7 +189,10 @@ def main() -> None:
         help="torch threads (1 is robust on a shared CPU; 0: torch's default)",
     )
     parser.add_argument("--one", nargs=3, metavar=("CASE", "IMPL", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="one tiny case, one step (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.cases, args.precisions, args.steps, args.warmup = ["vit_tiny32"], ["auto"], 1, 0
     if args.one:
         print(json.dumps(run_one(*args.one, args.steps, args.warmup, args.threads)))
         return
@@ -211,7 +224,7 @@ def main() -> None:
                 rows.append(pair[impl])
             ratio = pair["selfsup"]["images_per_s"] / pair["plain"]["images_per_s"]
             print(
-                f"{case:16s} {precision:4s} batch {pair['plain']['batch']:3d} | plain {pair['plain']['images_per_s']:7.1f} img/s "
+                f"{case:16s} {pair['plain']['precision']:4s} batch {pair['plain']['batch']:3d} | plain {pair['plain']['images_per_s']:7.1f} img/s "
                 f"{pair['plain']['peak_mib']:6.0f} MiB (+{pair['plain']['step_mib']:.0f} in steps) | selfsup {pair['selfsup']['images_per_s']:7.1f} img/s "
                 f"{pair['selfsup']['peak_mib']:6.0f} MiB (+{pair['selfsup']['step_mib']:.0f}) | ratio {ratio:.2f}",
                 flush=True,

@@ -148,7 +148,10 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--smoke", action="store_true", help="one tiny case, one repeat (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.cases, args.repeats = ["vit_tiny32_p4"], 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device()

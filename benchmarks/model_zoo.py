@@ -68,14 +68,46 @@ def skipnet_usage(classifier: Path, data: str) -> dict:
     return model.usage(meta.img_size)
 
 
+SMOKE = ["max_steps=1", "batch_size=8", "num_workers=0"]  # appended to every training command
+
+
+def smoke(args) -> None:
+    """The driver end to end on a generated 2-class folder, one step per training command."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for label in ("a", "b"):
+            (Path(tmp) / "data" / label).mkdir(parents=True)
+            for i in range(16):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(Path(tmp) / "data" / label / f"{i}.png")
+        args.data, args.runs, args.only = f"{tmp}/data", f"{tmp}/runs", ["vit_tiny"]
+        args.pretrain_epochs = args.finetune_epochs = 1
+        args.smoke = False
+        main_with(args, extra=SMOKE)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="the extracted CIFAR-10 subset (ImageFolder)")
+    parser.add_argument("--data", help="the extracted CIFAR-10 subset (ImageFolder)")
     parser.add_argument("--runs", default="runs/zoo")
     parser.add_argument("--pretrain-epochs", type=int, default=2)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="architectures to run (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="one step of each command on a tiny folder (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        return smoke(args)
+    if not args.data:
+        parser.error("--data is required (the extracted CIFAR-10 subset)")
+    main_with(args)
+
+
+def main_with(args, extra: tuple[str, ...] | list[str] = ()) -> None:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     times_path = runs / "times.json"
@@ -98,6 +130,7 @@ def main() -> None:
                     "monitor_every=0",
                     "progress_bar=false",
                     *overrides,
+                    *extra,
                 ],
                 times,
                 f"{key}/pretrain",
@@ -115,6 +148,7 @@ def main() -> None:
                     "0.1",
                     "--out",
                     str(out / "probe"),
+                    *(["--no-cache", "--batch-size", "8", "--num-workers", "0"] if extra else []),
                 ],
                 times,
                 f"{key}/probe",
@@ -133,6 +167,7 @@ def main() -> None:
                     f"epochs={args.finetune_epochs}",
                     f"optim.warmup_epochs={args.finetune_epochs / 8:g}",  # the config's 1 of 8, scaled
                     "progress_bar=false",
+                    *extra,
                 ],
                 times,
                 f"{key}/finetune",

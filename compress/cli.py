@@ -15,8 +15,10 @@ import argparse
 from selfsup.compress.settings import CompressConfig
 from selfsup.config import load_config, parse_command
 from selfsup.errors import exits_cleanly
+from selfsup.precision import add_precision_flag
 
 FLAGS = {
+    "mixed_precision": "mixed_precision",
     "checkpoint": "checkpoint",
     "dataset": "dataset",
     "data_root": "data_root",
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     )
     parser.add_argument("--calibrate", help="calibration images for int8-static")
     parser.add_argument("--out", help="output folder")
+    add_precision_flag(parser)
     args, overrides = parse_command(parser, argv, FLAGS)
     return args.config, overrides
 

@@ -24,6 +24,7 @@ from selfsup.checkpoint import (
 from selfsup.compress import measure, summary
 from selfsup.compress.prune import count, prune_l1
 from selfsup.compress.quantize import (
+    FrozenCompiled,
     check_export,
     export_onnx,
     quantize,
@@ -210,7 +211,7 @@ def _measure_and_report(
                     predict,
                     int8.stat().st_size,
                     None,
-                    "int8-pt2e, torchao + torch.compile",
+                    "int8-pt2e, torchao + torch.compile (frozen int8 weights)",
                     ("pt2", int8),
                 )
                 variants[-1].fp32_bytes = fp32.stat().st_size
@@ -247,7 +248,7 @@ def _pt2e(model: nn.Module, example: torch.Tensor, calibration, stem: Path):
     fp32 = save_program(torch.export.export(model.eval(), (two,)), f"{stem}.fp32.pt2")
     program = quantize_pt2e(model, example, calibration)
     int8 = save_program(program, f"{stem}.int8.pt2")
-    return measure.torch_predict(torch.compile(program.module()), set_eval=False), int8, fp32
+    return measure.torch_predict(FrozenCompiled(program), set_eval=False), int8, fp32
 
 
 def _teacher(config: CompressConfig, original: nn.Module) -> nn.Module | None:

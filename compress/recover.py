@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+from selfsup.accel import released
 from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
 from selfsup.compress.settings import CompressConfig
 from selfsup.distill import distillation_loss
@@ -194,5 +195,5 @@ def recover(
             status = run.steps(step, batches)
     finally:
         stop_workers(loader)
-    model.eval()
+    released(accelerator, prepared).eval()  # `model` again, its forward fp32 for export and measurement
     return Recovery(status, run.position.step, run.end, run.signal)

@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from selfsup.eval.extract import autocast_dtype
 from selfsup.eval.linear_head import AugmentedBatches, resolve_protocol
 from selfsup.features import extract
 from selfsup.imagefolder import collate_skip_none
+from selfsup.precision import autocast, resolve_precision
 
 CROP_SCALE = (0.08, 1.0)  # torchvision's default, used by both official scripts
 
@@ -48,7 +48,7 @@ def augmented_batches(
     feature: str = "cls",
     *,
     device: torch.device | str = "cpu",
-    precision: str = "auto",
+    mixed_precision: str = "auto",
     num_workers: int = 0,
     seed: int = 0,
 ) -> AugmentedBatches:
@@ -59,7 +59,7 @@ def augmented_batches(
     """
     device = torch.device(device)
     model = model.eval().requires_grad_(False).to(device)
-    dtype = autocast_dtype(device, precision)
+    precision = resolve_precision(mixed_precision, device)
 
     def batches(epoch: int, batch_size: int, drop_last: bool):
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -74,10 +74,7 @@ def augmented_batches(
             pin_memory=device.type == "cuda",
         )
         for images, targets in loader:
-            with (
-                torch.no_grad(),
-                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-            ):
+            with torch.no_grad(), autocast(device, precision):
                 feats = extract(model, images.to(device, non_blocking=True), feature)
             yield feats.float(), targets.long()
 
@@ -99,7 +96,7 @@ def probe_augmented_batches(config, source, info) -> AugmentedBatches:
         dataset,
         config.feature,
         device=device,
-        precision=config.precision,
+        mixed_precision=config.mixed_precision,
         num_workers=config.num_workers,
         seed=config.linear_head.seed,
     )

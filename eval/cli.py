@@ -18,6 +18,7 @@ import sys
 from selfsup.config import load_config
 from selfsup.errors import UsageError, exits_cleanly
 from selfsup.eval.probe import ProbeConfig, run_probe
+from selfsup.precision import add_precision_flag
 
 
 def _ints(text: str) -> list[int]:
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    add_precision_flag(p)  # the arithmetic of the frozen features
     p.add_argument("--seed", type=int, help="seed of random-init baselines")
     p.add_argument(
         "--cache-dir", help="feature cache (default $SELFSUP_CACHE/features or ~/.cache/selfsup/features)"

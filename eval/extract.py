@@ -1,4 +1,4 @@
-"""Frozen features of a whole dataset: batched, bf16 autocast on GPU, sharded across processes.
+"""Frozen features of a whole dataset: batched, in the run's precision (bf16 where native), sharded across processes.
 
 Under ``accelerate launch`` every process reads its shard of the (unshuffled) dataset and
 ``Accelerator.gather_for_metrics`` reassembles the full set in dataset order, dropping the samples
@@ -16,16 +16,7 @@ from tqdm.auto import tqdm
 from selfsup.accel import make_accelerator
 from selfsup.features import extract
 from selfsup.imagefolder import collate_skip_none
-from selfsup.precision import resolve_precision
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """``auto`` is bf16 where the device runs it natively (GPUs with bf16, CPUs with AVX-512 BF16
-    or AMX) and fp32 elsewhere; ``bf16`` is bf16 anywhere (with a warning where it is emulated)."""
-    mode = resolve_precision(
-        "bf16" if precision == "bf16" else "auto" if precision == "auto" else "no", device
-    )
-    return torch.bfloat16 if mode == "bf16" else None
+from selfsup.precision import autocast, resolve_precision
 
 
 @torch.no_grad()
@@ -36,7 +27,7 @@ def extract_features(
     *,
     batch_size: int = 256,
     num_workers: int = 2,
-    precision: str = "auto",
+    mixed_precision: str = "auto",
     accelerator=None,
     desc: str = "features",
     progress: bool = True,
@@ -55,7 +46,7 @@ def extract_features(
     )
     loader = accelerator.prepare_data_loader(loader)
     model = model.eval().to(accelerator.device)
-    dtype = autocast_dtype(accelerator.device, precision)
+    precision = resolve_precision(mixed_precision, accelerator.device)
     feats, labels = [], []
     bar = tqdm(
         loader,
@@ -66,7 +57,7 @@ def extract_features(
     )
     for images, targets in bar:
         images = images.to(accelerator.device, non_blocking=True)
-        with torch.autocast(accelerator.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(accelerator.device, precision):
             out = extract(model, images, kind)
         out, targets = accelerator.gather_for_metrics((out.float(), targets.to(accelerator.device)))
         feats.append(out.cpu())

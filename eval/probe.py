@@ -22,7 +22,7 @@ from selfsup.data import DataOptions, DatasetInfo, build_dataset
 from selfsup.errors import UsageError
 from selfsup.eval.augment import probe_augmented_batches
 from selfsup.eval.cache import FeatureCache, cache_key, default_cache_dir
-from selfsup.eval.extract import autocast_dtype, extract_features
+from selfsup.eval.extract import extract_features
 from selfsup.eval.knn import DEFAULT_KS, knn_classify
 from selfsup.eval.linear_head import LinearHeadConfig, resolve_protocol, train_linear_head
 from selfsup.eval.logreg import LogRegConfig, logreg_probe
@@ -31,7 +31,7 @@ from selfsup.features import check_feature_kind
 from selfsup.files import ensure_writable_dir
 from selfsup.imagefolder import report_corrupt
 from selfsup.metrics import check_finite
-from selfsup.precision import describe_cpu
+from selfsup.precision import announce, describe_cpu, resolve_precision
 from selfsup.transforms import eval_transform
 
 METHODS = ("knn", "linear")
@@ -59,7 +59,7 @@ class ProbeConfig:
     patch_size: int | None = None
     batch_size: int = 256
     num_workers: int = 2
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # of the frozen features
     seed: int = 0  # random-init baselines
     cache_dir: str | None = None  # None: $SELFSUP_CACHE/features or ~/.cache/selfsup/features
     no_cache: bool = False
@@ -146,7 +146,6 @@ class _Features:
                 file=sys.stderr,
             )
         transform = eval_transform(source.spec.img_size, mean, std, info.image_size)
-        precision = "bf16" if autocast_dtype(self.accelerator.device, cfg.precision) else "fp32"
         model = None
         out = {}
         for split in ("train", "val"):
@@ -161,7 +160,7 @@ class _Features:
                     "files": _file_list_digest(dataset),
                     "transform": repr(transform),
                     "feature": cfg.feature,
-                    "precision": precision,
+                    "precision": cfg.mixed_precision,  # resolved by run_probe
                 }
             )
             hit = self.cache.get(key)
@@ -179,7 +178,7 @@ class _Features:
                 cfg.feature,
                 batch_size=cfg.batch_size,
                 num_workers=cfg.num_workers,
-                precision=cfg.precision,
+                mixed_precision=cfg.mixed_precision,
                 accelerator=self.accelerator,
                 desc=f"{source.name} {split}",
             )
@@ -296,6 +295,10 @@ def run_probe(config: ProbeConfig, accelerator=None) -> dict[str, Any]:
     if config.out:
         ensure_writable_dir(config.out, "--out")  # fail now, not after extracting every feature
     accelerator = accelerator or make_accelerator(None)  # features autocast themselves (extract.py)
+    asked = config.mixed_precision
+    config.mixed_precision = resolve_precision(asked, accelerator.device)  # recorded in the report
+    if accelerator.is_main_process:
+        announce(asked, config.mixed_precision, accelerator.device)
     features = _Features(config, info, accelerator)
     runs = [_evaluate(config, s, features(s), info) for s in sources]
     metrics = {
@@ -309,6 +312,7 @@ def run_probe(config: ProbeConfig, accelerator=None) -> dict[str, Any]:
         # what the numbers depend on besides seeds: the same machine and threads give the same numbers
         "machine": describe_cpu(),
         "torch_threads": torch.get_num_threads(),
+        "mixed_precision": config.mixed_precision,
     }
     if config.out and accelerator.is_main_process:
         from selfsup.eval.report import write_report

@@ -11,8 +11,10 @@ import argparse
 from selfsup.config import load_config, parse_command
 from selfsup.errors import exits_cleanly
 from selfsup.finetune.settings import FinetuneConfig
+from selfsup.precision import add_precision_flag
 
 FLAGS = {
+    "mixed_precision": "mixed_precision",
     "dataset": "dataset",
     "data_root": "data_root",
     "checkpoint": "checkpoint",
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     )
     parser.add_argument("--teacher", help="a classifier checkpoint to distil from (distill.teacher=...)")
     parser.add_argument("--out", help="run folder (same as out=...)")
+    add_precision_flag(parser)
     args, overrides = parse_command(parser, argv, FLAGS)
     return args.config, overrides
 

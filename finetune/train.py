@@ -28,6 +28,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from selfsup.accel import released
 from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
 from selfsup.checkpoint import HEAD_PREFIXES, CheckpointMeta, save_checkpoint, timm_call
 from selfsup.config import to_dict
@@ -369,9 +370,9 @@ def _run(
                 evaluations["last"] = evaluate(accelerator, model, val_loader)
 
             def finish() -> None:
-                result.last = export("last", net)
+                result.last = export("last", released(accelerator, model))
                 if ema is not None:
-                    export("ema", ema.module)
+                    export("ema", released(accelerator, ema.module))
                 # resumed from another run's checkpoint into a new out=, no evaluation may have beaten
                 # the stored best: that classifier is in the other folder
                 best = out / "best.safetensors"

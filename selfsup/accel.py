@@ -7,15 +7,15 @@ the same way (:mod:`selfsup.precision`) and survives a second run in one process
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from torch import nn
 
 from selfsup.errors import UsageError
-from selfsup.precision import resolve_precision
+from selfsup.precision import announce, resolve_precision
 from selfsup.runlog import check_tracker
 
 # Below this many values (samples x features x classes) a problem is thousands of tiny matrix
@@ -61,13 +61,23 @@ def make_accelerator(
 
 def announce_precision(accelerator: Accelerator, asked: str) -> None:
     """One stderr line (main process) saying which arithmetic runs, and why when ``auto`` chose it."""
-    if not accelerator.is_main_process:
-        return
-    chosen = accelerator.mixed_precision
-    why = (
-        f" (auto: {'bf16 is native' if chosen == 'bf16' else 'no native bf16'} on {accelerator.device.type})"
+    if accelerator.is_main_process:
+        announce(asked, accelerator.mixed_precision, accelerator.device)
+
+
+def released(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The trained module as a stage hands it on (export, quantization, the next stage): out of its
+    DDP/compile wrappers and without the autocast that ``accelerator.prepare`` patched into its
+    ``forward`` (removed in place), so its graph is fp32 whatever precision the run trained in.
+
+    Call it once training is over: the prepared model shares the module and trains in fp32 after.
+    """
+    net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    low = sorted(
+        {str(t.dtype) for t in net.state_dict().values() if t.is_floating_point()} - {"torch.float32"}
     )
-    print(f"precision: {chosen}{why if asked == 'auto' else ''}", file=sys.stderr)
+    assert not low, f"a prepared model holds {low} tensors: autocast must not change the stored weights"
+    return net
 
 
 def threads_for(n_values: int) -> int | None:

@@ -11,7 +11,8 @@ backward, optimizer step), run identically by 1 or W processes:
 * SIGTERM/SIGINT save a checkpoint at the next step boundary (the processes agree in the same
   all-reduce as the loss) and :meth:`TrainingRun.steps` returns ``"interrupted"``;
 * a NaN/inf loss skips the update; ``max_nan_steps`` in a row raise :class:`TrainingDiverged`,
-  keeping the last checkpoint from before (none is saved during a streak);
+  keeping the last checkpoint from before (none is saved during a streak); an update that fp16's
+  gradient scaler skips (overflowing gradients, finite loss) is logged and counted, not a NaN step;
 * one record per step goes to the :class:`~selfsup.runlog.RunLog`.
 """
 
@@ -305,11 +306,15 @@ class TrainingRun:
                 progress = epoch + in_epoch / per_epoch
                 loss, scheduled = step.forward(batch, progress)
                 value, stop = agree(self.accelerator, loss, self._signals.requested is not None)
-                finite = math.isfinite(value)
+                finite, scaler_skipped = math.isfinite(value), False
                 if finite:
                     step.update(loss)
                     position.nan_streak = 0
                     self.last_loss = value
+                    # fp16's scaler skips an update whose gradients overflowed and lowers its scale:
+                    # routine, so it is counted and logged but never part of a NaN streak
+                    scaler_skipped = self.accelerator.optimizer_step_was_skipped
+                    position.scaler_skipped += scaler_skipped
                 else:
                     position.nan_skipped += 1
                     position.nan_streak += 1
@@ -324,6 +329,7 @@ class TrainingRun:
                         "data_s": data_s,
                         "compute_s": elapsed - data_s,
                         "skipped": not finite,
+                        **({"scaler_skipped": scaler_skipped} if self.accelerator.scaler else {}),
                     }
                 )
                 position.step += 1

@@ -8,6 +8,8 @@ matmul; a small-ViT MoCo step 77 s vs 4.7 s). So the precision is detected, neve
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -16,7 +18,15 @@ from typing import Literal
 
 import torch
 
+from selfsup.errors import UsageError
+
+# The one vocabulary of every stage's ``mixed_precision`` key and flag (accelerate's, plus ``auto``):
+# ``no`` is fp32 arithmetic; ``fp16`` is CUDA-only and trains through a gradient scaler.
 Precision = Literal["auto", "no", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "no", "bf16", "fp16")
+# Overrides the detection: 1 = treat this CPU as bf16-native, 0 = as emulating it. For running the
+# test suite as the other kind of CPU would (slowly, where bf16 is emulated), never for speed.
+NATIVE_BF16_ENV = "SELFSUP_NATIVE_BF16"
 _WARNED: list[bool] = []
 
 
@@ -25,7 +35,11 @@ def cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 matmul instructions (x86: AVX-512 BF16 or AMX).
 
     torch reports the x86 features; on other CPUs (ARM, POWER) a short timed matmul decides.
+    ``SELFSUP_NATIVE_BF16=1|0`` overrides both.
     """
+    forced = os.environ.get(NATIVE_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
     probes = [
         getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     ]
@@ -57,23 +71,39 @@ def bf16_speed_ratio() -> float:
 
 def resolve_precision(requested: str, device: torch.device | str, *, quiet: bool = False) -> str:
     """``auto`` -> ``bf16`` or ``no`` for ``device``; an explicit choice is kept (with a warning
-    when it is bf16 on a CPU that emulates it). Returns ``"no" | "bf16" | "fp16"``."""
+    when it is bf16 on a CPU that emulates it). Returns ``"no" | "bf16" | "fp16"``.
+
+    Every stage resolves its ``mixed_precision`` here, so the five stages share one vocabulary
+    (:data:`PRECISIONS`) and one rule. fp16 is refused off CUDA (CPUs have no fp16 autocast worth
+    the name, and its gradient scaler is CUDA's).
+    """
     device = torch.device(device)
+    if requested not in PRECISIONS:
+        raise UsageError(
+            f"mixed_precision={requested!r} is not one of {', '.join(PRECISIONS)} "
+            "(no = fp32; auto = bf16 where the hardware runs it natively)"
+        )
     if requested == "auto":
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # accelerate launch --mixed_precision X
         if launcher in ("no", "bf16", "fp16"):
-            return launcher
-        if device.type == "cuda":
+            requested = launcher
+        elif device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "no"
-        if device.type == "cpu":
+        elif device.type == "cpu":
             return "bf16" if cpu_has_native_bf16() else "no"
-        return "no"
+        else:
+            return "no"
+    if requested == "fp16" and device.type != "cuda":
+        raise UsageError(
+            f"mixed_precision=fp16 needs a CUDA GPU (this run is on {device.type}): use bf16 or no"
+        )
     if (
         requested == "bf16"
         and device.type == "cpu"
         and not cpu_has_native_bf16()
         and not quiet
         and not _WARNED
+        and NATIVE_BF16_ENV not in os.environ
     ):
         _WARNED.append(True)  # once per process: several stages may resolve the same choice
         ratio = bf16_speed_ratio()
@@ -84,6 +114,38 @@ def resolve_precision(requested: str, device: torch.device | str, *, quiet: bool
             file=sys.stderr,
         )
     return requested
+
+
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    """``--mixed-precision``, the same flag with the same values in every stage's command."""
+    parser.add_argument(
+        "--mixed-precision",
+        choices=PRECISIONS,
+        help="auto (default: bf16 where the hardware runs it natively, else fp32), no (fp32), bf16, "
+        "fp16 (CUDA only; same as mixed_precision=...)",
+    )
+
+
+def autocast_dtype(resolved: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision (``None`` for ``no``: fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved)
+
+
+def autocast(device: torch.device | str, resolved: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for a resolved precision; a no-op for ``no``. For the stages that run
+    their own forward passes (probe, tta); the training stages get theirs from accelerate."""
+    dtype = autocast_dtype(resolved)
+    device = torch.device(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def announce(asked: str, chosen: str, device: torch.device | str) -> None:
+    """The one stderr line a stage prints about its arithmetic (and why, when ``auto`` chose it)."""
+    kind = torch.device(device).type
+    why = f" (auto: {'bf16 is native' if chosen == 'bf16' else 'no native bf16'} on {kind})"
+    print(f"precision: {chosen}{why if asked == 'auto' else ''}", file=sys.stderr)
 
 
 def describe_cpu() -> str:

@@ -35,6 +35,7 @@ class Position:
     step: int = 0  # optimisation steps done (skipped NaN steps included)
     nan_skipped: int = 0
     nan_streak: int = 0
+    scaler_skipped: int = 0  # fp16: updates the gradient scaler skipped (an overflow, not divergence)
     data: dict[str, Any] = field(default_factory=dict)  # dataset mean/std/classes, for export
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config that produced the weights
 

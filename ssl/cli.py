@@ -10,9 +10,10 @@ import argparse
 
 from selfsup.config import load_config, parse_command
 from selfsup.errors import exits_cleanly
+from selfsup.precision import add_precision_flag
 from selfsup.ssl.settings import PretrainConfig
 
-FLAGS = {"dataset": "dataset", "data_root": "data_root", "out": "out"}
+FLAGS = {"mixed_precision": "mixed_precision", "dataset": "dataset", "data_root": "data_root", "out": "out"}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
@@ -25,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     parser.add_argument("--dataset", help="dataset name (same as dataset=...)")
     parser.add_argument("--data-root", help="folder holding the dataset (same as data_root=...)")
     parser.add_argument("--out", help="run folder (same as out=...)")
+    add_precision_flag(parser)
     args, overrides = parse_command(parser, argv, FLAGS)
     return args.config, overrides
 

@@ -2,16 +2,21 @@
 
 MoCo v3 converts every BatchNorm to ``torch.nn.SyncBatchNorm`` under DDP (official
 ``main_moco.py``). PyTorch's SyncBatchNorm refuses CPU tensors ("expected input tensor to be on
-GPU"), so on CPU (gloo) each BatchNorm1d becomes :class:`AllReduceBatchNorm1d`, which computes
-the same statistics with a differentiable all-reduce. Either way a W-process run normalises
-with the statistics of the whole batch, as a 1-process run does.
+GPU"), so on CPU (gloo) each BatchNorm1d/2d (and timm's BatchNormAct2d) becomes its ``AllReduce``
+version, which computes the same statistics with a differentiable all-reduce (written here because
+no maintained library syncs BatchNorm over gloo). Either way a W-process run normalises with the
+statistics of the whole batch, as a 1-process run does.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from timm.layers import BatchNormAct2d
+from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 from torch import nn
+
+from selfsup.errors import UsageError
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -30,17 +35,25 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-class AllReduceBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training-time mean and variance cover all processes' samples."""
+class _AllReduceStats:
+    """Training-time mean and variance over every process's samples (all dims but the channels)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (
             self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         ):
             return super().forward(x)
-        x32 = x.float()
-        count = torch.tensor([float(x.shape[0])], dtype=torch.float32, device=x.device)
-        stats = torch.cat([x32.sum(0), (x32 * x32).sum(0), count])
+        return self._after_norm(self._normalise(x))
+
+    def _after_norm(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)  # broadcast per channel
+        count = torch.tensor([float(x.numel() // x.shape[1])], dtype=x32.dtype, device=x.device)
+        stats = torch.cat([x32.sum(dims), (x32 * x32).sum(dims), count])
         stats = _AllReduceSum.apply(stats)
         c = x.shape[1]
         n = stats[-1]
@@ -55,38 +68,50 @@ class AllReduceBatchNorm1d(nn.BatchNorm1d):
                 unbiased = var * n / (n - 1).clamp_min(1)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        y = (x32 - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            y = y * self.weight + self.bias
+            y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
 
+class AllReduceBatchNorm1d(_AllReduceStats, nn.BatchNorm1d):
+    """BatchNorm1d whose training-time mean and variance cover all processes' samples."""
+
+
+class AllReduceBatchNorm2d(_AllReduceStats, nn.BatchNorm2d):
+    """BatchNorm2d whose training-time mean and variance cover all processes' pixels."""
+
+
+class AllReduceBatchNormAct2d(_AllReduceStats, BatchNormAct2d):
+    """timm's BatchNormAct2d (BoTNet, timm ResNets) with the statistics of all processes."""
+
+    def _after_norm(self, y: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(y))
+
+
+# Converted by changing the instance's class: parameters, buffers (and timm's act/drop) stay as they are.
+_CPU_VERSIONS = {
+    nn.BatchNorm1d: AllReduceBatchNorm1d,
+    nn.BatchNorm2d: AllReduceBatchNorm2d,
+    BatchNormAct2d: AllReduceBatchNormAct2d,
+}
+
+
 def convert_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """SyncBatchNorm on accelerators, :class:`AllReduceBatchNorm1d` on CPU (BatchNorm1d only)."""
+    """SyncBatchNorm on accelerators (timm's converter, which knows its BatchNormAct2d); on CPU,
+    the all-reduce versions of BatchNorm1d, BatchNorm2d and BatchNormAct2d, converted in place."""
     if device.type != "cpu":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return _to_allreduce(model)
+        return timm_convert_sync_batchnorm(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for module in norms:  # all checked before any is converted: no half-converted model
+        if type(module) not in (*_CPU_VERSIONS, *_CPU_VERSIONS.values()):
+            raise UsageError(
+                f"{type(module).__name__} has no multi-process CPU version (BatchNorm1d, BatchNorm2d and "
+                "timm's BatchNormAct2d have): train this model in one process, or on GPUs"
+            )
+    for module in norms:
+        module.__class__ = _CPU_VERSIONS.get(type(module), type(module))
+    return model
 
 
-def _to_allreduce(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.BatchNorm1d) and not isinstance(module, AllReduceBatchNorm1d):
-        new = AllReduceBatchNorm1d(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
-        if module.affine:  # the same Parameter objects: requires_grad (False in the momentum encoder) is kept
-            new.weight, new.bias = module.weight, module.bias
-        if module.track_running_stats:
-            new.running_mean, new.running_var = module.running_mean, module.running_var
-            new.num_batches_tracked = module.num_batches_tracked
-        new.train(module.training)
-        return new
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.BatchNorm1d):
-        raise NotImplementedError(
-            f"{type(module).__name__} has no CPU multi-process version; use BatchNorm1d heads"
-        )
-    for name, child in module.named_children():
-        setattr(module, name, _to_allreduce(child))
-    return module
-
-
-__all__ = ["AllReduceBatchNorm1d", "convert_batchnorm"]
+__all__ = ["AllReduceBatchNorm1d", "AllReduceBatchNorm2d", "AllReduceBatchNormAct2d", "convert_batchnorm"]

@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from timm.optim import Lars
 
+from selfsup.accel import released
 from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
 from selfsup.checkpoint import timm_call
 from selfsup.imagefolder import report_corrupt
@@ -206,7 +207,8 @@ def _run(
         if result.status == "finished":
 
             def export() -> None:  # main process only; a failure there stops every process
-                result.backbone = export_backbone(moco.backbone, config, run.position.data)
+                backbone = released(accelerator, model).backbone
+                result.backbone = export_backbone(backbone, config, run.position.data)
                 result.timm_call = timm_call(result.backbone)
                 if pipeline.indexed:
                     report_corrupt(pipeline.dataset)

@@ -50,9 +50,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def two_gloo_processes(script: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
+def two_gloo_processes(
+    script: Path, *args: str, timeout: int, precision: str = "no"
+) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes 2 script args``: two gloo processes on the CPU,
-    one thread each (``--cpu`` would silently start one)."""
+    one thread each (``--cpu`` would silently start one). A test comparing them with one process
+    pins ``mixed_precision=`` on both sides (``precision`` is the launcher's)."""
     launch = [
         sys.executable,
         "-m",
@@ -63,7 +66,7 @@ def two_gloo_processes(script: Path, *args: str, timeout: int) -> subprocess.Com
         "--num_machines",
         "1",
         "--mixed_precision",
-        "no",
+        precision,
         "--dynamo_backend",
         "no",
         "--main_process_port",

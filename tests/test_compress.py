@@ -201,7 +201,7 @@ def _recovery_args(path, *extra):
     return [
         f"checkpoint={path}", "dataset=digits", "prune=l1", "target_macs=0.5", "recover_epochs=2",
         "batch_size=16", "teacher=self", "threads=1", "progress_bar=false", "measure_memory=false",
-        "latency_repeats=1", "latency_batches=[1]", *extra,
+        "latency_repeats=1", "latency_batches=[1]", "mixed_precision=no", *extra,
     ]  # fmt: skip
 
 

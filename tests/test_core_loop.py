@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from selfsup import runstate
@@ -73,12 +74,40 @@ def batches(epoch: int, first: int):
         yield x, 2 * x
 
 
-def toy_run(config: ToyConfig, nan_at=(), stop_at: int | None = None):
+class OverflowingScaler:
+    """torch.amp.GradScaler's interface, finding inf gradients at every step (an fp16 overflow):
+    ``step`` skips the optimizer's step, as the real scaler does then."""
+
+    def __init__(self):
+        self.skipped = 0
+
+    def scale(self, loss):
+        return loss
+
+    def step(self, optimizer, closure=None):
+        self.skipped += 1
+
+    def update(self):
+        pass
+
+    def unscale_(self, optimizer):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def toy_run(config: ToyConfig, nan_at=(), stop_at: int | None = None, scaler=None):
     """(status, run, losses logged) of a fresh process-like start of ``config``."""
     accelerator = make_accelerator("no")
     torch.manual_seed(0)
     model = nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    if scaler is not None:  # what accelerate holds under mixed_precision=fp16 (CUDA only)
+        accelerator.scaler = scaler
     model, optimizer = accelerator.prepare(model, optimizer)
     run = TrainingRun(
         accelerator,
@@ -165,3 +194,19 @@ def test_schedules_metrics_and_the_thread_rule():
         with pytest.raises(UsageError, match="train features contain NaN or inf"):
             check_finite(bad, "train features")
     assert threads_for(1000) == 1 and threads_for(10**9) is None
+
+
+def test_updates_skipped_by_the_fp16_scaler_are_logged_and_never_count_as_divergence(tmp_path):
+    scaler = OverflowingScaler()
+    config = ToyConfig(out=str(tmp_path), max_nan_steps=3)  # 12 skipped updates in a row, finite losses
+    status, run, _ = toy_run(config, scaler=scaler)
+    assert status == "finished" and scaler.skipped == 12
+    assert run.position.scaler_skipped == 12 and run.position.nan_skipped == 0
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["scaler_skipped"] for r in records] == [True] * 12 and not any(r["skipped"] for r in records)
+    last = runstate.complete_checkpoints(tmp_path)[-1]
+    torch.manual_seed(0)
+    initial = nn.Linear(1, 1).state_dict()
+    saved = load_file(str(last / runstate.MODEL_FILE))
+    assert all(torch.equal(saved[k], initial[k]) for k in initial)  # no update reached the weights
+    assert runstate.load_position(last).scaler_skipped == 12  # saved, so a resume keeps counting

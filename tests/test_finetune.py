@@ -371,6 +371,7 @@ def test_two_epochs_on_digits_improve_accuracy_and_export_what_stock_timm_loads(
 @pytest.mark.slow
 def test_sigterm_then_resume_equals_the_uninterrupted_run(backbone, tmp_path):
     args = [*TINY, f"checkpoint={backbone}", "epochs=6", "keep_checkpoints=1", "ema_decay=0.9", "resume=auto"]
+    args.append("mixed_precision=no")  # both runs in one precision whatever auto picks here
     straight = train(load_config(FinetuneConfig, None, [*args, f"out={tmp_path / 'straight'}"]))
     out = tmp_path / "killed"
     cmd = [sys.executable, str(REPO / "finetune" / "finetune.py"), *args, f"out={out}"]
@@ -507,6 +508,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(backbone,
         *TINY,
         f"checkpoint={backbone}",
         "max_steps=5",
+        "mixed_precision=no",  # both sides: auto is bf16 on some CPUs
         "drop_path=0",
         "augment.mixup=0",
         "augment.cutmix=0",

@@ -11,9 +11,11 @@ import argparse
 
 from selfsup.config import load_config, parse_command
 from selfsup.errors import UsageError, exits_cleanly
+from selfsup.precision import add_precision_flag
 from selfsup.tta.settings import TTAConfig
 
 FLAGS = {
+    "mixed_precision": "mixed_precision",
     "checkpoint": "checkpoint",
     "dataset": "dataset",
     "data_root": "data_root",
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
         "--corruptions", help="comma-separated subset (default: the benchmark's 15 in the set)"
     )
     parser.add_argument("--out", help="output folder")
+    add_precision_flag(parser)
     args, overrides = parse_command(parser, argv, FLAGS)
     return args.config, overrides
 

@@ -11,7 +11,7 @@ from selfsup.accel import default_device
 from selfsup.config import save_config
 from selfsup.errors import UsageError
 from selfsup.files import ensure_writable_dir
-from selfsup.precision import describe_cpu, resolve_precision
+from selfsup.precision import announce, describe_cpu, resolve_precision
 from selfsup.report import markdown
 from selfsup.tta import summary
 from selfsup.tta.benchmark import check_corruptions, open_set, resolve_root
@@ -34,7 +34,9 @@ def run(config) -> tuple[str, dict[str, Path]]:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = default_device()
-    config.mixed_precision = resolve_precision(config.mixed_precision, device)
+    asked = config.mixed_precision
+    config.mixed_precision = resolve_precision(asked, device)
+    announce(asked, config.mixed_precision, device)
     bench = Benchmark(config, corruption_set, names, device)
     save_config(config, out / "config.yaml")
     results: list[MethodResult] = []

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from selfsup.checkpoint import CheckpointMeta, load_classifier
 from selfsup.errors import UsageError
+from selfsup.precision import autocast
 from selfsup.tta.adapter import Adapter, NormStats, Source
 from selfsup.tta.benchmark import CorruptionSet, stream, to_model_input
 from selfsup.tta.eata import EATA
@@ -126,7 +127,6 @@ class Benchmark:
                 f"{config.checkpoint} predicts {n_classes} classes: the set and the classifier do not match"
             )
         self.clean_images = corruption_set.clean()
-        self.bf16 = config.mixed_precision == "bf16"
 
     def clean_batches(self, limit: int):
         """EATA's Fisher images: the first ``limit`` clean images in a seeded order."""
@@ -184,7 +184,7 @@ class Benchmark:
             first = False
             x = self.inputs(batch.images)
             raw = {"raw": batch.images} if isinstance(adapter, MEMO) else {}
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with autocast(self.device, config.mixed_precision):  # resolved by the pipeline
                 logits = adapter(x, **raw)
             hits = logits.argmax(1).cpu().numpy() == batch.labels
             np.add.at(correct, batch.sources, hits)

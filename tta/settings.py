@@ -59,8 +59,9 @@ class TTAConfig:
     eata: EataSettings = field(default_factory=EataSettings)
     sar: SarSettings = field(default_factory=SarSettings)
     memo: MemoSettings = field(default_factory=MemoSettings)
-    # no (fp32) as the references; bf16 where it is native (entropy gradients underflow in fp16)
-    mixed_precision: Literal["auto", "no", "bf16"] = "no"
+    # auto: bf16 where native, as every stage; fp16 is refused (entropy gradients underflow in it
+    # and the adaptation steps take no loss scaler)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     threads: int | None = None
     out: str = "runs/tta"
 
@@ -80,6 +81,11 @@ class TTAConfig:
             raise UsageError(f"lr must be positive or null (the ViT default), got {self.lr}")
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"limit must be at least 1 or null (all images), got {self.limit}")
+        if self.mixed_precision == "fp16":
+            raise UsageError(
+                "tta does not adapt in fp16 (entropy gradients underflow and its steps take no loss "
+                "scaler): use mixed_precision=bf16, auto or no"
+            )
         if self.memo.views is not None and self.memo.views < 2:
             raise UsageError(f"memo.views must be at least 2 (a marginal over views), got {self.memo.views}")
 
