@@ -36,7 +36,6 @@ def run(config) -> tuple[str, dict[str, Path]]:
     device = default_device()
     asked = config.mixed_precision
     config.mixed_precision = resolve_precision(asked, device)
-    announce(asked, config.mixed_precision, device)
     bench = Benchmark(config, corruption_set, names, device)
     save_config(config, out / "config.yaml")
     results: list[MethodResult] = []
@@ -48,6 +47,7 @@ def run(config) -> tuple[str, dict[str, Path]]:
             f"({result.seconds:.1f} s)",
             file=sys.stderr,
         )
+    announce(asked, config.mixed_precision, device)  # after the work: a refusal stays one line
     kind = (
         "regenerated (selfsup.tta.generate; not the released set)"
         if corruption_set.regenerated
