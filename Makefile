@@ -34,13 +34,14 @@ demo: $(STAMP)
 		--checkpoint $(DEMO)/pretrain/backbone.safetensors --out $(DEMO)/finetune
 	$(VENV)/bin/finetune --config configs/finetune/digits_cpu.yaml --random-init \
 		--checkpoint $(DEMO)/pretrain/backbone.safetensors --out $(DEMO)/finetune_random_init
-	$(PY) -m selfsup.tta.generate --dataset digits --split val --corruptions contrast --severities 3 \
+	$(PY) -m selfsup.tta.generate --dataset digits --split val --corruptions frost contrast --severities 3 \
 		--out $(DEMO)/digits-c
 	$(VENV)/bin/tta --checkpoint $(DEMO)/finetune/best.safetensors --dataset $(DEMO)/digits-c \
-		--corruptions contrast --severity 3 --method source,tent --batch-size 16 --out $(DEMO)/tta
+		--corruptions frost,contrast --severity 3 --method source,tent --batch-size 16 lr=0.02 --out $(DEMO)/tta
 	$(VENV)/bin/compress --checkpoint $(DEMO)/finetune/best.safetensors --dataset digits \
 		--quantize int8-dynamic --out $(DEMO)/compress
-	@echo "demo done: open $(DEMO)/probe/report.html, $(DEMO)/finetune/report.html, $(DEMO)/tta/report.html and $(DEMO)/compress/report.html"
+	$(PY) benchmarks/demo_tables.py $(DEMO) --write
+	@echo "demo done: the tables above are in $(DEMO)/RESULTS.md; open $(DEMO)/probe/report.html, $(DEMO)/finetune/report.html, $(DEMO)/tta/report.html and $(DEMO)/compress/report.html"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
