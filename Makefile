@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade-strategy only-if-needed -e '.[dev,$(FAISS)]'
 	@touch $@
 
-# CI (.ci/run) calls this target: the same lint as `make lint`, then the tests.
+# CI (.ci/run) calls this target: the same lint as `make lint`, then the tests, one file per worker
+# on 2 workers (most tests run one thread or subprocesses, so 2 cores finish in about half the time).
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -51,7 +51,7 @@ def _bf16_predict(model):
     return predict
 
 
-def measure(case: str, repeats: int, batch: int) -> dict:
+def measure(case: str, repeats: int, batch: int, eager_pt2e: bool = False) -> dict:
     spec = CASES[case]
     torch.manual_seed(0)
     model = create_backbone(spec, 10).eval()
@@ -71,7 +71,10 @@ def measure(case: str, repeats: int, batch: int) -> dict:
             "torch fp32": torch_predict(model),
             "onnxruntime fp32": onnx_predict(session(fp32, threads)),
             "onnxruntime int8": onnx_predict(session(int8, threads)),
-            "pt2e int8": torch_predict(FrozenCompiled(program), set_eval=False),
+            # --smoke: eager (the compiled path is tested in tests/test_bf16.py; compiling takes ~40 s)
+            "pt2e int8": torch_predict(
+                program.module() if eager_pt2e else FrozenCompiled(program), set_eval=False
+            ),
         }
         if cpu_has_native_bf16():
             runs["torch bf16"] = _bf16_predict(model)
@@ -123,7 +126,7 @@ def main() -> None:
     )
     print("|" + "---|" * 14)
     for case in args.cases:
-        r = measure(case, args.repeats, b)
+        r = measure(case, args.repeats, b, eager_pt2e=args.smoke)
         ms = r["ms"]
         print(
             f"| {case} | {ms['torch fp32'][1]:.2f} | {ms['onnxruntime fp32'][1]:.2f} | {ms['onnxruntime int8'][1]:.2f} | "

@@ -265,14 +265,16 @@ def main() -> None:
     p.add_argument("--memory-test", type=int, default=1_000)
     p.add_argument("--smoke", action="store_true", help="each section once at a tiny size (CI)")
     args = p.parse_args()
+    args.peak_size = 4096
     if args.smoke:
+        args.peak_size = 512
         args.n_train, args.n_test, args.dim, args.classes = 2_000, 200, 32, 10
         args.scale_train, args.scale_test, args.scale_classes = 20_000, 200, 10
         args.memory_train, args.memory_test = 2_000, 100
     machine()
     # Shares use the peak measured first; it is measured again at the end because other jobs on a
     # shared machine change it (both are printed: a share is only as good as the peak next to it).
-    peak = matmul_peak()
+    peak = matmul_peak(n=args.peak_size)
     if args.n_train:
         speed(args, peak)
     # Before the scale section: a child's ru_maxrss starts at its parent's (Linux copies the
@@ -281,7 +283,7 @@ def main() -> None:
         memory(args)
     if args.scale_train:
         scale(args, peak)
-    matmul_peak()
+    matmul_peak(n=args.peak_size)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def _json_lines(path: Path) -> list[dict]:
@@ -118,30 +115,33 @@ SMOKE = {  # the demo's commands (Makefile), each cut to a step or two
 
 
 def smoke() -> None:
-    """The demo chain on digits with one or two steps per training stage, then its tables."""
+    """The demo chain on digits, one or two steps per training stage, in this process (each command's
+    ``main``, as its console script calls it), then its tables."""
+    from selfsup.compress.cli import main as compress
+    from selfsup.eval.cli import main as probe
+    from selfsup.finetune.cli import main as finetune
+    from selfsup.ssl.cli import main as pretrain
+    from selfsup.tta.cli import main as tta
+    from selfsup.tta.generate import main as generate
+
     with tempfile.TemporaryDirectory() as tmp:
-        runs = Path(tmp)
-        configs = REPO / "configs"
-        commands = [
-            ["pretrain", "--config", configs / "pretrain/digits_cpu.yaml", f"out={runs}/pretrain", *SMOKE["pretrain"]],
-            ["probe", "--checkpoint", runs / "pretrain/backbone.safetensors", "--compare-random-init",
-             "--dataset", "digits", "--out", runs / "probe", "--no-cache", "--num-workers", "0"],
-            ["finetune", "--config", configs / "finetune/digits_cpu.yaml", "--checkpoint",
-             runs / "pretrain/backbone.safetensors", "--out", runs / "finetune", *SMOKE["finetune"]],
-            ["finetune", "--config", configs / "finetune/digits_cpu.yaml", "--random-init", "--checkpoint",
-             runs / "pretrain/backbone.safetensors", "--out", runs / "finetune_random_init", *SMOKE["finetune"]],
-            [sys.executable, "-m", "selfsup.tta.generate", "--dataset", "digits", "--split", "val",
-             "--corruptions", "contrast", "--severities", "3", "--limit", "32", "--out", runs / "digits-c"],
-            ["tta", "--checkpoint", runs / "finetune/best.safetensors", "--dataset", runs / "digits-c",
-             "--corruptions", "contrast", "--severity", "3", "--method", "source,tent", "--batch-size", "16",
-             "--out", runs / "tta"],
-            ["compress", "--checkpoint", runs / "finetune/best.safetensors", "--dataset", "digits",
-             "--quantize", "int8-dynamic", "--out", runs / "compress", "latency_repeats=1", "latency_batches=[1]",
-             "measure_memory=false", "limit=32"],
-        ]  # fmt: skip
-        for command in commands:
-            program = str(command[0]) if command[0] == sys.executable else str(BIN / command[0])
-            subprocess.run([program, *map(str, command[1:])], check=True, capture_output=True)
+        runs, configs = Path(tmp), REPO / "configs"
+        backbone, classifier = f"{runs}/pretrain/backbone.safetensors", f"{runs}/finetune/best.safetensors"
+        pretrain(
+            ["--config", f"{configs}/pretrain/digits_cpu.yaml", f"out={runs}/pretrain", *SMOKE["pretrain"]]
+        )
+        probe(["--checkpoint", backbone, "--compare-random-init", "--dataset", "digits", "--method", "knn",
+               "--out", f"{runs}/probe", "--no-cache", "--num-workers", "0"])  # fmt: skip
+        for out, start in (("finetune", []), ("finetune_random_init", ["--random-init"])):
+            finetune(["--config", f"{configs}/finetune/digits_cpu.yaml", *start, "--checkpoint", backbone,
+                      "--out", f"{runs}/{out}", *SMOKE["finetune"]])  # fmt: skip
+        generate(["--dataset", "digits", "--split", "val", "--corruptions", "contrast", "--severities", "3",
+                  "--limit", "32", "--out", f"{runs}/digits-c"])  # fmt: skip
+        tta(["--checkpoint", classifier, "--dataset", f"{runs}/digits-c", "--corruptions", "contrast",
+             "--severity", "3", "--method", "source,tent", "--batch-size", "16", "--out", f"{runs}/tta"])  # fmt: skip
+        compress(["--checkpoint", classifier, "--dataset", "digits", "--quantize", "int8-dynamic",
+                  "--out", f"{runs}/compress", "latency_repeats=1", "latency_batches=[1]",
+                  "measure_memory=false", "limit=32"])  # fmt: skip
         print(tables(runs))
 
 
