@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from selfsup.precision import PRECISIONS
+
 CASES = {
     # name: backbone spec fields, heads (dim, mlp_dim), batch
     "vit_small16_224": ({"arch": "moco_vit_small", "img_size": 224, "patch_size": 16}, (256, 4096), 16),
@@ -177,9 +179,7 @@ def run_one(case: str, impl: str, precision: str, steps: int, warmup: int, threa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument(
-        "--precisions", nargs="*", default=["no", "bf16"], choices=["auto", "no", "bf16", "fp16"]
-    )
+    parser.add_argument("--precisions", nargs="*", default=["no", "bf16"], choices=PRECISIONS)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(

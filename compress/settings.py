@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from selfsup.errors import UsageError
+from selfsup.precision import Precision
 
 
 @dataclass
@@ -41,7 +42,7 @@ class CompressConfig:
     force_resume: bool = False
     max_steps: int | None = None  # stop recovery early (its schedule still spans recover_epochs)
     save_every_steps: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # recovery only; measured in fp32
+    mixed_precision: Precision = "auto"  # recovery only; measured in fp32
     log_with: Literal["none", "tensorboard"] = "none"
 
     def __post_init__(self) -> None:

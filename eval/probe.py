@@ -31,7 +31,7 @@ from selfsup.features import check_feature_kind
 from selfsup.files import ensure_writable_dir
 from selfsup.imagefolder import report_corrupt
 from selfsup.metrics import check_finite
-from selfsup.precision import announce, describe_cpu, resolve_precision
+from selfsup.precision import Precision, announce, describe_cpu, resolve_precision
 from selfsup.transforms import eval_transform
 
 METHODS = ("knn", "linear")
@@ -59,7 +59,7 @@ class ProbeConfig:
     patch_size: int | None = None
     batch_size: int = 256
     num_workers: int = 2
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # of the frozen features
+    mixed_precision: Precision = "auto"  # of the frozen features
     seed: int = 0  # random-init baselines
     cache_dir: str | None = None  # None: $SELFSUP_CACHE/features or ~/.cache/selfsup/features
     no_cache: bool = False

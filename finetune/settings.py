@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from selfsup.errors import UsageError
+from selfsup.precision import Precision
 from selfsup.runstate import RUN_KEYS, check_run_settings
 
 
@@ -83,7 +84,7 @@ class FinetuneConfig:
     seed: int = 0
     num_workers: int = 8
     threads: int | None = None
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Precision = "auto"
     val_fraction: float = 0.1  # held out of a dataset without a val split
     # share of the training labels used (class-stratified, seeded): label-efficient transfer; 1: all
     label_fraction: float = 1.0

@@ -24,6 +24,7 @@ from typing import Literal
 
 from selfsup.errors import UsageError
 from selfsup.models import BackboneSpec
+from selfsup.precision import Precision
 from selfsup.runstate import RUN_KEYS, check_run_settings
 
 
@@ -89,7 +90,7 @@ class PretrainConfig:
     num_workers: int = 8  # DataLoader workers per process
     threads: int | None = None  # torch threads per process; 1 keeps a shared CPU from thrashing
     # auto: bf16 where native (GPU, AVX-512 BF16/AMX)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Precision = "auto"
     val_fraction: float = 0.1  # share of a folder without val/ held out when hold_out_val (monitor queries)
     # false: pretrain on every training image (a folder without val/ loses none to a hold-out; the
     # monitor then queries a held-out sample that pretraining also saw, without its labels).

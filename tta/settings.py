@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from selfsup.errors import UsageError
+from selfsup.precision import Precision
 from selfsup.tta.benchmark import PROTOCOLS
 
 METHODS = ("source", "norm", "tent", "eta", "eata", "sar", "memo")
@@ -61,7 +62,7 @@ class TTAConfig:
     memo: MemoSettings = field(default_factory=MemoSettings)
     # auto: bf16 where native, as every stage; fp16 is refused (entropy gradients underflow in it
     # and the adaptation steps take no loss scaler)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Precision = "auto"
     threads: int | None = None
     out: str = "runs/tta"
 
