@@ -101,3 +101,24 @@ def refused(capsys, main, *args) -> str:
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     return err
+
+
+def save_model(
+    folder: Path, spec, classes: list[str], stage: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)
+):
+    """A randomly initialised backbone (``classes`` empty) or classifier of ``spec`` in the project format."""
+    from selfsup.checkpoint import CheckpointMeta, save_checkpoint
+    from selfsup.models import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone(spec, len(classes))
+    meta = CheckpointMeta(
+        backbone=spec.to_dict(),
+        img_size=spec.img_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        stage=stage,
+        num_classes=len(classes),
+        class_names=list(classes),
+    )
+    return save_checkpoint(folder / "classifier", model.state_dict(), meta, model)

@@ -14,17 +14,16 @@ import onnx
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_PRETRAIN, two_gloo_processes
+from conftest import REPO, TINY_PRETRAIN, save_model, two_gloo_processes
 from safetensors.torch import load_file
 
-from selfsup.checkpoint import CheckpointMeta, save_checkpoint
 from selfsup.compress.pipeline import run as compress
 from selfsup.compress.settings import CompressConfig
 from selfsup.config import load_config
 from selfsup.eval.probe import ProbeConfig, run_probe
 from selfsup.finetune.settings import FinetuneConfig
 from selfsup.finetune.train import train as finetune
-from selfsup.models import BackboneSpec, create_backbone
+from selfsup.models import BackboneSpec
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.ssl.train import train as pretrain
 
@@ -48,18 +47,8 @@ def losses(out):
 
 
 def save_micro(folder, num_classes: int = 0, stage: str = "pretrain"):
-    torch.manual_seed(0)
-    model = create_backbone(MICRO, num_classes)
-    meta = CheckpointMeta(
-        backbone=MICRO.to_dict(),
-        img_size=16,
-        mean=(0.3, 0.3, 0.3),
-        std=(0.35, 0.35, 0.35),
-        stage=stage,
-        num_classes=num_classes,
-        class_names=[str(i) for i in range(num_classes)],
-    )
-    return save_checkpoint(folder / "model", model.state_dict(), meta, model)
+    classes = [str(i) for i in range(num_classes)]
+    return save_model(folder, MICRO, classes, stage, mean=(0.3, 0.3, 0.3), std=(0.35, 0.35, 0.35))
 
 
 def test_pretraining_in_bf16_exports_fp32_and_records_bf16(tmp_path):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import refused
+from conftest import refused, save_model
 
 from selfsup.checkpoint import CheckpointMeta, save_checkpoint
 from selfsup.models import BackboneSpec, create_backbone
@@ -18,18 +18,7 @@ NAMES = ("gaussian_noise", "contrast")
 
 
 def classifier(folder, classes=3):
-    torch.manual_seed(0)
-    model = create_backbone(SPEC, classes)
-    meta = CheckpointMeta(
-        backbone=SPEC.to_dict(),
-        img_size=32,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        stage="finetune",
-        num_classes=classes,
-        class_names=[f"c{i}" for i in range(classes)],
-    )
-    return save_checkpoint(folder / "classifier", model.state_dict(), meta)
+    return save_model(folder, SPEC, [f"c{i}" for i in range(classes)], "finetune")
 
 
 def corruption_set(folder, n=12, severities=(1, 2, 3, 4, 5)):
