@@ -68,14 +68,17 @@ class RunSettings:
 
 
 class Step(Protocol):
-    """A stage's training iteration, split where the NaN policy needs it."""
+    """A stage's training iteration, split where the NaN policy needs it: the gradients are
+    computed first, and applied only when the loss is finite in every process."""
 
     def forward(self, batch: Any, progress: float) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The loss of ``batch`` at fractional epoch ``progress``, and the schedule values to log."""
+        """Forward and backward of ``batch`` at fractional epoch ``progress`` (one backward per
+        micro-batch when gradients are accumulated): the loss, and the schedule values to log."""
         ...
 
     def update(self, loss: torch.Tensor) -> None:
-        """Backward and optimizer step; called only when the loss is finite in every process."""
+        """Apply the gradients (clipping, optimizer step, EMA); called only when ``loss`` is finite
+        in every process. The next ``forward`` clears the gradients of a skipped step."""
         ...
 
 
@@ -211,6 +214,7 @@ class TrainingRun:
         self.signal: int | None = None
         self.log: RunLog | None = None
         self._signals: runstate.StopSignals | None = None
+        self._tick = 0.0  # when the current step started waiting for its batch
 
     def start(self, config: Any, data: dict[str, Any], same_data: tuple[str, ...] = ()) -> Path | None:
         """Resume from the checkpoint ``resume`` names (model, optimizer and RNG states through
@@ -292,73 +296,97 @@ class TrainingRun:
 
         ``batches(epoch, first_step)``: that epoch's batches from step ``first_step`` on.
         ``at_epoch(e)``: called with 0 before the first step of a fresh run and with e after epoch e
-        (monitors; collective when the stage makes it so).
+        (monitors; collective when the stage makes it so). The phases, in order: one step (forward,
+        the processes' agreement, update or NaN count, log), the stop decision, the save rule, the
+        epoch boundary, the final save.
         """
         assert self.log is not None and self._signals is not None, "use `with run:` around run.steps()"
-        position, s, per_epoch, log = self.position, self.settings, self.steps_per_epoch, self.log
+        position = self.position
         if position.step == 0 and at_epoch is not None:
             at_epoch(0)
         while position.step < self.end:
-            epoch, in_epoch = divmod(position.step, per_epoch)
-            tick = time.perf_counter()
-            for batch in batches(epoch, in_epoch):
-                data_s = time.perf_counter() - tick
-                progress = epoch + in_epoch / per_epoch
-                loss, scheduled = step.forward(batch, progress)
-                value, stop = agree(self.accelerator, loss, self._signals.requested is not None)
-                finite, scaler_skipped = math.isfinite(value), False
-                if finite:
-                    step.update(loss)
-                    position.nan_streak = 0
-                    self.last_loss = value
-                    # fp16's scaler skips an update whose gradients overflowed and lowers its scale:
-                    # routine, so it is counted and logged but never part of a NaN streak
-                    scaler_skipped = self.accelerator.optimizer_step_was_skipped
-                    position.scaler_skipped += scaler_skipped
-                else:
-                    position.nan_skipped += 1
-                    position.nan_streak += 1
-                elapsed = time.perf_counter() - tick
-                log.step(
-                    {
-                        "step": position.step,
-                        "epoch": round(progress, 6),
-                        "loss": value,
-                        **scheduled,
-                        "images_per_s": self.images_per_step / max(elapsed, 1e-9),
-                        "data_s": data_s,
-                        "compute_s": elapsed - data_s,
-                        "skipped": not finite,
-                        **({"scaler_skipped": scaler_skipped} if self.accelerator.scaler else {}),
-                    }
-                )
-                position.step += 1
-                in_epoch += 1
-                if position.nan_streak >= s.max_nan_steps:
-                    raise self._diverged()
+            epoch = position.step // self.steps_per_epoch
+            self._tick = time.perf_counter()
+            for batch in batches(epoch, position.step - epoch * self.steps_per_epoch):
+                stop = self._one_step(step, batch, epoch)
                 if position.step >= self.end:
                     break
-                if stop and in_epoch == per_epoch and at_epoch is not None:
-                    at_epoch(epoch + 1)  # the epoch is complete: its hook runs before the save, as unstopped
-                if stop and position.nan_streak == 0:
-                    self.save()
                 if stop:
-                    self.signal = self._signals.requested or 15
-                    return "interrupted"
-                if (
-                    s.save_every_steps
-                    and position.step % s.save_every_steps == 0
-                    and position.nan_streak == 0
-                ):
-                    self.save()
-                tick = time.perf_counter()
-            if in_epoch == per_epoch:  # a whole epoch done
-                if at_epoch is not None:
-                    at_epoch(epoch + 1)
-                due = s.save_every_epochs and (epoch + 1) % s.save_every_epochs == 0
-                if position.step < self.end and due and position.nan_streak == 0:
-                    self.save()
-        last = runstate.checkpoint_root(self.out) / f"{runstate.PREFIX}{position.step:08d}"
-        if position.nan_streak == 0 and not last.is_dir():
-            self.save()
+                    return self._interrupt(epoch, at_epoch)
+                if self.settings.save_every_steps and position.step % self.settings.save_every_steps == 0:
+                    self._save_unless_diverging()
+                self._tick = time.perf_counter()  # the next step's data time starts after the save
+            if self._epoch_complete(epoch):
+                self._end_epoch(epoch, at_epoch)
+        if not (runstate.checkpoint_root(self.out) / f"{runstate.PREFIX}{position.step:08d}").is_dir():
+            self._save_unless_diverging()  # the final checkpoint, unless a save at this step made it
         return "finished"
+
+    def _one_step(self, step: Step, batch: Any, epoch: int) -> bool:
+        """Forward, agree across processes, update (or count the NaN), log; True if a stop was asked."""
+        position = self.position
+        data_s = time.perf_counter() - self._tick
+        progress = epoch + (position.step - epoch * self.steps_per_epoch) / self.steps_per_epoch
+        loss, scheduled = step.forward(batch, progress)
+        value, stop = agree(self.accelerator, loss, self._signals.requested is not None)
+        scaler_skipped = self._apply(step, loss, value)
+        elapsed = time.perf_counter() - self._tick
+        record = {
+            "step": position.step,
+            "epoch": round(progress, 6),
+            "loss": value,
+            **scheduled,
+            "images_per_s": self.images_per_step / max(elapsed, 1e-9),
+            "data_s": data_s,
+            "compute_s": elapsed - data_s,
+            "skipped": not math.isfinite(value),
+        }
+        if self.accelerator.scaler is not None:
+            record["scaler_skipped"] = scaler_skipped
+        self.log.step(record)
+        position.step += 1
+        if position.nan_streak >= self.settings.max_nan_steps:
+            raise self._diverged()
+        return stop
+
+    def _apply(self, step: Step, loss: torch.Tensor, value: float) -> bool:
+        """The NaN policy: a finite loss updates and ends any streak; a NaN/inf one is skipped and
+        counted. fp16's scaler may still skip a finite step whose gradients overflowed (it then
+        lowers its scale): routine, so counted apart and never part of a streak. Returns that skip."""
+        position = self.position
+        if not math.isfinite(value):
+            position.nan_skipped += 1
+            position.nan_streak += 1
+            return False
+        step.update(loss)
+        position.nan_streak = 0
+        self.last_loss = value
+        skipped = self.accelerator.optimizer_step_was_skipped
+        position.scaler_skipped += skipped
+        return skipped
+
+    def _epoch_complete(self, epoch: int) -> bool:
+        return self.position.step == (epoch + 1) * self.steps_per_epoch
+
+    def _interrupt(self, epoch: int, at_epoch: Callable[[int], None] | None) -> Literal["interrupted"]:
+        """A stop signal: the epoch hook if the epoch just completed (as an unstopped run would run it
+        before its save), a checkpoint of this step, and the signal recorded for the exit code."""
+        if self._epoch_complete(epoch) and at_epoch is not None:
+            at_epoch(epoch + 1)
+        self._save_unless_diverging()
+        self.signal = self._signals.requested or 15
+        return "interrupted"
+
+    def _end_epoch(self, epoch: int, at_epoch: Callable[[int], None] | None) -> None:
+        """After a whole epoch: its hook, then its checkpoint if ``save_every_epochs`` asks for one (the
+        last epoch's is the final save)."""
+        if at_epoch is not None:
+            at_epoch(epoch + 1)
+        every = self.settings.save_every_epochs
+        if every and (epoch + 1) % every == 0 and self.position.step < self.end:
+            self._save_unless_diverging()
+
+    def _save_unless_diverging(self) -> None:
+        """The save rule: no checkpoint during a NaN streak, so the last one predates it."""
+        if self.position.nan_streak == 0:
+            self.save()

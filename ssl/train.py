@@ -68,7 +68,8 @@ class PretrainResult:
 
 @dataclass
 class MocoStep:
-    """One iteration of ``main_moco.py``: lr and m from the fractional epoch, loss, AdamW update."""
+    """One iteration of ``main_moco.py``: lr and m from the fractional epoch, loss and its backward
+    (:meth:`forward`), then clipping and the optimizer step (:meth:`update`, when the loss is finite)."""
 
     config: PretrainConfig
     accelerator: Accelerator
@@ -84,13 +85,14 @@ class MocoStep:
         x1, x2 = (x.to(self.accelerator.device, non_blocking=True) for x in batch)
         moco = self.accelerator.unwrap_model(self.model)
         set_training_progress(moco, progress)  # schedules inside a backbone (DynamicConv's temperature)
+        self.optimizer.zero_grad(set_to_none=True)  # also drops the gradients of a skipped NaN step
         loss = self.model(x1, x2, m)
         extra = auxiliary_loss(moco)  # a backbone's own term (SkipNet's compute penalty)
-        return (loss if extra is None else loss + extra), {"lr": lr, "momentum": m}
+        loss = loss if extra is None else loss + extra
+        self.accelerator.backward(loss)
+        return loss.detach(), {"lr": lr, "momentum": m}
 
     def update(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
         if self.config.optim.clip_grad is not None:
             moco = self.accelerator.unwrap_model(self.model)
             self.accelerator.clip_grad_norm_(moco.parameters(), self.config.optim.clip_grad)

@@ -56,14 +56,15 @@ class ToyStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = batch
+        self.optimizer.zero_grad()
         loss = ((self.model(x) - y) ** 2).mean()
         self.on_call(self.calls)
         self.calls += 1
-        return (loss * float("nan") if self.calls - 1 in self.nan_at else loss), {"lr": lr}
+        loss = loss * float("nan") if self.calls - 1 in self.nan_at else loss
+        self.accelerator.backward(loss)
+        return loss.detach(), {"lr": lr}
 
     def update(self, loss):
-        self.optimizer.zero_grad()
-        self.accelerator.backward(loss)
         self.optimizer.step()
 
 
