@@ -149,106 +149,126 @@ def _measure_and_report(
 ) -> tuple[str, dict[str, Path]]:
     """Every variant measured the same way (top-1, agreement, size, MACs, latency, peak memory),
     INT8 ones made from the original and the last pruned model; report.md/html and metrics.json."""
-    out = Path(config.out)
-    original.cpu()  # deployment is measured on the CPU, whichever device recovery trained on
-    for _, model, _, _ in stages:
-        model.cpu()
-    images, labels = stacked(val, transform, config.limit)
-    example = torch.from_numpy(images[:1])
-    reference = measure.predictions(measure.torch_predict(original), images)
-    variants: list[measure.Variant] = []
+    for model in (original, *(model for _, model, _, _ in stages)):
+        model.cpu()  # deployment is measured on the CPU, whichever device recovery trained on
+    bench = Bench(config, *stacked(val, transform, config.limit), original)
+    source = weights_path(config.checkpoint)
+    bench.add(
+        "original (fp32)",
+        measure.torch_predict(original),
+        source.stat().st_size,
+        original,
+        "",
+        ("torch", source),
+    )
+    for name, model, path, note in stages:
+        bench.add(name, measure.torch_predict(model), path.stat().st_size, model, note, ("torch", path))
+    if config.quantize != "none":
+        final_name, final = stages[-1][:2] if stages else ("original", original)
+        calibration = _calibration(config, transform)
+        for name, model in [("original", original)] + (
+            [(final_name, final)] if final is not original else []
+        ):
+            label, stem = ("INT8", "original") if model is original else (f"{name} + INT8", "pruned")
+            quantize_variant = _pt2e_variant if config.quantize == "int8-pt2e" else _onnx_variant
+            quantize_variant(bench, label, model, calibration, Path(config.out) / stem)
+    return _report(config, meta, bench)
 
-    def add(
-        name: str, predict, file_bytes: int, model: nn.Module | None = None, note: str = "", stored=None
-    ) -> None:
-        """Measure a variant; ``stored``: (kind, path) of its file, for the peak-memory child process."""
-        preds = reference if name == "original (fp32)" else measure.predictions(predict, images)
-        macs, params = count(model, example) if model is not None else (None, None)
+
+@dataclass
+class Bench:
+    """The validation images every variant is measured on, the original's predictions on them, and
+    the variants measured so far."""
+
+    config: CompressConfig
+    images: np.ndarray
+    labels: np.ndarray
+    original: nn.Module
+    variants: list[measure.Variant] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.example = torch.from_numpy(self.images[:1])
+        self.reference = measure.predictions(measure.torch_predict(self.original), self.images)
+
+    def add(self, name: str, predict, file_bytes: int, model=None, note="", stored=None) -> measure.Variant:
+        """Measure a variant; ``model`` for its MACs and parameters; ``stored``: (kind, path) of its
+        file, for the peak-memory child process."""
+        config = self.config
+        preds = self.reference if model is self.original else measure.predictions(predict, self.images)
+        macs, params = count(model, self.example) if model is not None else (None, None)
+        latency = {
+            b: measure.latency_ms(predict, self.images, b, config.latency_repeats)
+            for b in config.latency_batches
+        }
         variant = measure.Variant(
             name,
-            100.0 * float((preds == labels).mean()),
-            100.0 * float((preds == reference).mean()),
+            100.0 * float((preds == self.labels).mean()),
+            100.0 * float((preds == self.reference).mean()),
             params,
             macs,
             file_bytes,
-            {
-                b: measure.latency_ms(predict, images, b, config.latency_repeats)
-                for b in config.latency_batches
-            },
+            latency,
             note,
         )
         if stored is not None and config.measure_memory:
-            shape = (max(config.latency_batches), *images.shape[1:])
+            shape = (max(config.latency_batches), *self.images.shape[1:])
             variant.peak_mib = measure.peak_memory_mib(*stored, shape, torch.get_num_threads())
-        variants.append(variant)
+        self.variants.append(variant)
         print(f"{name}: top-1 {variant.top1:.2f}%, {variant.file_bytes / 1e6:.2f} MB", file=sys.stderr)
+        return variant
 
-    add(
-        "original (fp32)",
-        measure.torch_predict(original),
-        weights_path(config.checkpoint).stat().st_size,
-        original,
-        stored=("torch", weights_path(config.checkpoint)),
+
+def _calibration(config: CompressConfig, transform) -> list[np.ndarray] | None:
+    """Seeded batches of training images for the static INT8 modes (None for dynamic)."""
+    if config.quantize not in ("int8-static", "int8-pt2e"):
+        return None
+    train, _ = build_dataset(config.dataset, "train", None, _options(config))
+    order = np.random.default_rng(config.seed).permutation(len(train))
+    images, _ = stacked(train, transform, config.calibrate, order)
+    return [images[i : i + 32] for i in range(0, len(images), 32)]
+
+
+def _onnx_variant(bench: Bench, label: str, model: nn.Module, calibration, stem: Path) -> None:
+    """fp32 ONNX (checked against torch), quantized by ONNX Runtime, measured in ONNX Runtime."""
+    fp32 = export_onnx(model, bench.example, f"{stem}.fp32.onnx")
+    diff = check_export(model, fp32, torch.from_numpy(bench.images[:8]))
+    int8 = quantize(fp32, f"{stem}.int8.onnx", bench.config.quantize, calibration)
+    note = (
+        f"{bench.config.quantize}, ONNX Runtime; fp32 ONNX {fp32.stat().st_size / 1e6:.2f} MB, "
+        f"matches torch to {diff:.1e}"
     )
-    for name, model, path, note in stages:
-        add(name, measure.torch_predict(model), path.stat().st_size, model, note, ("torch", path))
-    final_name, final = stages[-1][:2] if stages else ("original", original)
-    if config.quantize != "none":
-        calibration = None
-        if config.quantize in ("int8-static", "int8-pt2e"):
-            train_eval, _ = build_dataset(config.dataset, "train", None, _options(config))
-            order = np.random.default_rng(config.seed).permutation(len(train_eval))
-            cal, _ = stacked(train_eval, transform, config.calibrate, order)
-            calibration = [cal[i : i + 32] for i in range(0, len(cal), 32)]
-        sources = [("original", original)] + ([(final_name, final)] if final is not original else [])
-        for name, model in sources:
-            stem = "original" if model is original else "pruned"
-            label = f"{name} + INT8" if model is not original else "INT8"
-            if config.quantize == "int8-pt2e":
-                predict, int8, fp32 = _pt2e(model, example, calibration, out / stem)
-                add(
-                    label,
-                    predict,
-                    int8.stat().st_size,
-                    None,
-                    "int8-pt2e, torchao + torch.compile (frozen int8 weights)",
-                    ("pt2", int8),
-                )
-                variants[-1].fp32_bytes = fp32.stat().st_size
-                continue
-            fp32 = export_onnx(model, example, out / f"{stem}.fp32.onnx")
-            diff = check_export(model, fp32, torch.from_numpy(images[:8]))
-            int8 = quantize(fp32, out / f"{stem}.int8.onnx", config.quantize, calibration)
-            threads = torch.get_num_threads()
-            add(
-                label,
-                measure.onnx_predict(session(int8, threads)),
-                int8.stat().st_size,
-                None,
-                f"{config.quantize}, ONNX Runtime; fp32 ONNX {fp32.stat().st_size / 1e6:.2f} MB, matches torch to {diff:.1e}",
-                ("onnx", int8),
-            )
-            variants[-1].fp32_bytes = fp32.stat().st_size
-    facts = [
-        f"**Classifier** `{config.checkpoint}` ({meta.spec.arch}, {meta.num_classes} classes, {meta.img_size} px).",
-        f"**Validation** {config.dataset}, {len(labels)} images (the split fine-tuning validated on).",
-        f"**Machine** {describe_cpu()}; {torch.get_num_threads()} threads for torch and ONNX Runtime alike; "
-        f"latency: median of {config.latency_repeats} runs after a warm-up, in this process.",
-    ]
-    paths = summary.write(out, "Compression: " + Path(config.checkpoint).name, facts, variants)
-    payload = {"config": to_dict(config), "variants": [dataclasses.asdict(v) for v in variants]}
-    atomic_write_bytes(out / "metrics.json", json.dumps(payload, indent=2).encode())
-    return summary.markdown_table(variants), paths
+    predict = measure.onnx_predict(session(int8, torch.get_num_threads()))
+    variant = bench.add(label, predict, int8.stat().st_size, None, note, ("onnx", int8))
+    variant.fp32_bytes = fp32.stat().st_size
 
 
-def _pt2e(model: nn.Module, example: torch.Tensor, calibration, stem: Path):
-    """torchao's PT2E INT8 saved as ``STEM.int8.pt2`` and compiled by torch.compile for the timings;
-    the fp32 program saved beside it (``STEM.fp32.pt2``) for the same-container size comparison."""
+def _pt2e_variant(bench: Bench, label: str, model: nn.Module, calibration, stem: Path) -> None:
+    """torchao's PT2E INT8 saved as ``STEM.int8.pt2`` and compiled (frozen int8 weights) for the
+    timings; the fp32 program saved beside it (``STEM.fp32.pt2``) for the same-container size."""
+    example = bench.example
     two = example[:1].expand(2, *example.shape[1:]).contiguous()
     fp32 = save_program(torch.export.export(model.eval(), (two,)), f"{stem}.fp32.pt2")
     program = quantize_pt2e(model, example, calibration)
     int8 = save_program(program, f"{stem}.int8.pt2")
-    return measure.torch_predict(FrozenCompiled(program), set_eval=False), int8, fp32
+    predict = measure.torch_predict(FrozenCompiled(program), set_eval=False)
+    note = "int8-pt2e, torchao + torch.compile (frozen int8 weights)"
+    variant = bench.add(label, predict, int8.stat().st_size, None, note, ("pt2", int8))
+    variant.fp32_bytes = fp32.stat().st_size
+
+
+def _report(config: CompressConfig, meta: CheckpointMeta, bench: Bench) -> tuple[str, dict[str, Path]]:
+    """report.md/html and metrics.json from the measured variants; returns the table and the paths."""
+    out = Path(config.out)
+    facts = [
+        f"**Classifier** `{config.checkpoint}` ({meta.spec.arch}, {meta.num_classes} classes, {meta.img_size} px).",
+        f"**Validation** {config.dataset}, {len(bench.labels)} images (the split fine-tuning validated on).",
+        f"**Machine** {describe_cpu()}; {torch.get_num_threads()} threads for torch and ONNX Runtime alike; "
+        f"latency: median of {config.latency_repeats} runs after a warm-up, in this process.",
+    ]
+    paths = summary.write(out, "Compression: " + Path(config.checkpoint).name, facts, bench.variants)
+    payload = {"config": to_dict(config), "variants": [dataclasses.asdict(v) for v in bench.variants]}
+    atomic_write_bytes(out / "metrics.json", json.dumps(payload, indent=2).encode())
+    return summary.markdown_table(bench.variants), paths
 
 
 def _teacher(config: CompressConfig, original: nn.Module) -> nn.Module | None:
