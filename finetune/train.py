@@ -258,28 +258,28 @@ def _run(
     start: Start,
     teacher: Teacher | None,
 ) -> FinetuneResult:
-    out, main = Path(config.out), accelerator.is_main_process
     model = start.model
     if uses_distillation_token(model):
         model.set_distilled_training(True)  # training returns both heads; evaluation their mean
-    if main and is_low_res(start.spec.img_size) and is_vit(model):
+    if accelerator.is_main_process and is_low_res(start.spec.img_size) and is_vit(model):
         print(f"note: {low_res_note(start.spec.img_size, start.spec.patch_size)}", file=sys.stderr)
-    o = config.optim
-    optimizer = torch.optim.AdamW(param_groups(model, config), lr=0.0, betas=o.betas)
+    optimizer = torch.optim.AdamW(param_groups(model, config), lr=0.0, betas=config.optim.betas)
     model, optimizer, pipeline.val = accelerator.prepare(model, optimizer, pipeline.val)
-    val_loader = pipeline.val  # the prepared loader owns the workers that close() stops
-    net = accelerator.unwrap_model(model)
     # Drop path and mixup draw per process from seed + rank (as DeiT); the data is seeded per sample.
     set_seed(config.seed + accelerator.process_index)
     ema = None
     if config.ema_decay is not None:
         # timm's warm-up (decay 1 - (1 + step)^-3/4 up to ema_decay) keeps the EMA of a short run
         # from staying near the initial weights and the fresh head
-        ema = ModelEmaV3(net, decay=config.ema_decay, use_warmup=True, device=accelerator.device)
+        ema = ModelEmaV3(
+            accelerator.unwrap_model(model),
+            decay=config.ema_decay,
+            use_warmup=True,
+            device=accelerator.device,
+        )
         accelerator.register_for_checkpointing(ema)
     if teacher is not None:
         teacher.to(accelerator.device)
-
     run = TrainingRun(
         accelerator,
         RunSettings.of(config),
@@ -296,58 +296,7 @@ def _run(
         {"dataset": info.name, "classes": list(info.classes), "best_top1": None, "last_top1": None},
         same_data=("classes",),  # an image folder whose classes changed cannot continue this head
     )
-    metrics_path = out / "metrics.jsonl"
-    if main:
-        truncate_log(metrics_path, run.position.step)
-    result = FinetuneResult("finished", out, run.position.step, run.end)
-    evaluations: dict[str, Evaluation] = {}  # "best" (of this process's life) and "last"
-
-    def export(name: str, weights: nn.Module) -> Path:
-        meta = CheckpointMeta(
-            backbone=start.spec.to_dict(),
-            img_size=start.spec.img_size,
-            mean=start.mean,
-            std=start.std,
-            stage="finetune",
-            num_classes=info.num_classes,
-            class_names=list(info.classes),
-            config=to_dict(config),
-            parent_sha256=start.parent_sha256,
-        )
-        crop = eval_crop_pct(start.spec.img_size, info.image_size)  # the crop validation used
-        return save_checkpoint(out / name, weights.state_dict(), meta, weights, crop_pct=crop)
-
-    def validate(epoch: float) -> None:
-        current = evaluate(accelerator, model, val_loader)
-        record = {
-            "event": "eval",
-            "epoch": round(epoch, 4),
-            "at_step": run.position.step,
-            **current.summary(),
-        }
-        if ema is not None:
-            record.update(evaluate(accelerator, ema.module, val_loader).summary("ema_"))
-        run.log.event(record)
-        result.history.append(record)
-        data = run.position.data
-        improved = data.get("best_top1") is None or current.top1 > data["best_top1"]
-        evaluations["last"] = current
-        data["last_top1"], data["evaluated_at"] = current.top1, run.position.step
-        if improved:
-            data["best_top1"] = current.top1
-            evaluations["best"] = current
-
-        def write() -> None:
-            append_metrics(metrics_path, record)
-            if improved:
-                export("best", net)
-
-        on_main(accelerator, write)
-
-    def at_epoch(epoch: int) -> None:
-        if epoch > 0 and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            validate(epoch)
-
+    state = FinetuneRun(config, accelerator, pipeline, start, model, ema, run)
     model.train()
     with run:
         step = FinetuneStep(
@@ -361,41 +310,127 @@ def _run(
             ema,
             pipeline.steps_per_epoch,
         )
-        result.status = run.steps(step, pipeline.batches, at_epoch)
-        if result.status == "finished":
-            if run.position.data.get("evaluated_at") != run.position.step:
-                validate(run.position.step / pipeline.steps_per_epoch)  # max_steps ended mid-epoch
-                run.save()  # the final checkpoint records it: a rerun does not evaluate again
-            if not evaluations:  # resumed from the final checkpoint: evaluated before, not recorded again
-                evaluations["last"] = evaluate(accelerator, model, val_loader)
+        state.result.status = run.steps(step, pipeline.batches, state.at_epoch)
+        if state.result.status == "finished":
+            state.finish()
+    return state.summary()
 
-            def finish() -> None:
-                result.last = export("last", released(accelerator, model))
-                if ema is not None:
-                    export("ema", released(accelerator, ema.module))
-                # resumed from another run's checkpoint into a new out=, no evaluation may have beaten
-                # the stored best: that classifier is in the other folder
-                best = out / "best.safetensors"
-                result.best = best if best.is_file() else None
-                result.timm_call = timm_call(result.best or result.last)
-                # the best evaluation when this process saw it, else (resumed after it) the last one
-                which = "best" if "best" in evaluations else "last"
-                write_report(
-                    out,
-                    f"Fine-tuning report: {info.name}",
-                    _facts(config, start, pipeline),
-                    _read_history(metrics_path),
-                    evaluations[which],
-                    which,
-                    list(info.classes),
-                )
-                report_corrupt(pipeline.train.dataset.dataset)
 
-            on_main(accelerator, finish)
-    result.step, result.nan_skipped, result.signal = run.position.step, run.position.nan_skipped, run.signal
-    result.best_top1 = run.position.data.get("best_top1")
-    result.last_top1 = run.position.data.get("last_top1")
-    return result
+@dataclass
+class FinetuneRun:
+    """One fine-tuning run's state and its evaluation, export and report steps.
+
+    Best and last: ``run.position.data`` holds ``best_top1`` / ``last_top1`` / ``evaluated_at`` across
+    resumes (checkpointed); ``evaluations`` holds the :class:`Evaluation` objects this process
+    computed, "best" only if an evaluation in this process's life beat the stored best (else the
+    best classifier was exported before a resume, and the report uses "last").
+    """
+
+    config: FinetuneConfig
+    accelerator: Accelerator
+    pipeline: Pipeline
+    start: Start
+    model: nn.Module  # prepared
+    ema: ModelEmaV3 | None
+    run: TrainingRun
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.config.out)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.net = self.accelerator.unwrap_model(self.model)
+        self.val_loader = self.pipeline.val  # the prepared loader owns the workers that close() stops
+        if self.accelerator.is_main_process:
+            truncate_log(self.metrics_path, self.run.position.step)
+        self.result = FinetuneResult("finished", self.out, self.run.position.step, self.run.end)
+
+    def export(self, name: str, weights: nn.Module) -> Path:
+        start, info = self.start, self.pipeline.info
+        meta = CheckpointMeta(
+            backbone=start.spec.to_dict(),
+            img_size=start.spec.img_size,
+            mean=start.mean,
+            std=start.std,
+            stage="finetune",
+            num_classes=info.num_classes,
+            class_names=list(info.classes),
+            config=to_dict(self.config),
+            parent_sha256=start.parent_sha256,
+        )
+        crop = eval_crop_pct(start.spec.img_size, info.image_size)  # the crop validation used
+        return save_checkpoint(self.out / name, weights.state_dict(), meta, weights, crop_pct=crop)
+
+    def at_epoch(self, epoch: int) -> None:
+        if epoch > 0 and (epoch % self.config.eval_every == 0 or epoch == self.config.epochs):
+            self.validate(epoch)
+
+    def validate(self, epoch: float) -> None:
+        """Evaluate (and the EMA), log, update best/last, and on the main process append the metrics
+        and export the classifier if it is the new best."""
+        current = evaluate(self.accelerator, self.model, self.val_loader)
+        record = {
+            "event": "eval",
+            "epoch": round(epoch, 4),
+            "at_step": self.run.position.step,
+            **current.summary(),
+        }
+        if self.ema is not None:
+            record.update(evaluate(self.accelerator, self.ema.module, self.val_loader).summary("ema_"))
+        self.run.log.event(record)
+        self.result.history.append(record)
+        data = self.run.position.data
+        improved = data.get("best_top1") is None or current.top1 > data["best_top1"]
+        self.evaluations["last"] = current
+        data["last_top1"], data["evaluated_at"] = current.top1, self.run.position.step
+        if improved:
+            data["best_top1"] = current.top1
+            self.evaluations["best"] = current
+
+        def write() -> None:
+            append_metrics(self.metrics_path, record)
+            if improved:
+                self.export("best", self.net)
+
+        on_main(self.accelerator, write)
+
+    def finish(self) -> None:
+        """The last evaluation (a run ended by max_steps mid-epoch), then the exports and the report."""
+        run = self.run
+        if run.position.data.get("evaluated_at") != run.position.step:
+            self.validate(run.position.step / self.pipeline.steps_per_epoch)  # max_steps ended mid-epoch
+            run.save()  # the final checkpoint records it: a rerun does not evaluate again
+        if not self.evaluations:  # resumed from the final checkpoint: evaluated before, not recorded again
+            self.evaluations["last"] = evaluate(self.accelerator, self.model, self.val_loader)
+        on_main(self.accelerator, self._write_outputs)
+
+    def _write_outputs(self) -> None:
+        result, info = self.result, self.pipeline.info
+        result.last = self.export("last", released(self.accelerator, self.model))
+        if self.ema is not None:
+            self.export("ema", released(self.accelerator, self.ema.module))
+        # resumed from another run's checkpoint into a new out=, no evaluation may have beaten the
+        # stored best: that classifier is in the other folder
+        best = self.out / "best.safetensors"
+        result.best = best if best.is_file() else None
+        result.timm_call = timm_call(result.best or result.last)
+        which = "best" if "best" in self.evaluations else "last"  # see the class docstring
+        write_report(
+            self.out,
+            f"Fine-tuning report: {info.name}",
+            _facts(self.config, self.start, self.pipeline),
+            _read_history(self.metrics_path),
+            self.evaluations[which],
+            which,
+            list(info.classes),
+        )
+        report_corrupt(self.pipeline.train.dataset.dataset)
+
+    def summary(self) -> FinetuneResult:
+        result, position = self.result, self.run.position
+        result.step, result.nan_skipped, result.signal = position.step, position.nan_skipped, self.run.signal
+        result.best_top1 = position.data.get("best_top1")
+        result.last_top1 = position.data.get("last_top1")
+        return result
 
 
 def _read_history(path: Path) -> list[dict[str, Any]]:
