@@ -85,35 +85,36 @@ def resolve_precision(requested: str, device: torch.device | str, *, quiet: bool
         )
     if requested == "auto":
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # accelerate launch --mixed_precision X
-        if launcher in ("no", "bf16", "fp16"):
-            requested = launcher
-        elif device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "no"
-        elif device.type == "cpu":
-            return "bf16" if cpu_has_native_bf16() else "no"
-        else:
-            return "no"
+        requested = launcher if launcher in ("no", "bf16", "fp16") else _auto(device)
     if requested == "fp16" and device.type != "cuda":
         raise UsageError(
             f"mixed_precision=fp16 needs a CUDA GPU (this run is on {device.type}): use bf16 or no"
         )
-    if (
-        requested == "bf16"
-        and device.type == "cpu"
-        and not cpu_has_native_bf16()
-        and not quiet
-        and not _WARNED
-        and NATIVE_BF16_ENV not in os.environ
-    ):
-        _WARNED.append(True)  # once per process: several stages may resolve the same choice
-        ratio = bf16_speed_ratio()
-        print(
-            f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): a bf16 matmul "
-            f"runs at {ratio:.3g}x the fp32 speed here (about {1 / max(ratio, 1e-9):.0f}x slower); "
-            "use mixed_precision=auto (or no) unless you are measuring this",
-            file=sys.stderr,
-        )
+    if requested == "bf16" and device.type == "cpu" and not quiet:
+        _warn_if_emulated()
     return requested
+
+
+def _auto(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "no"
+    return "no"
+
+
+def _warn_if_emulated() -> None:
+    """Once per process (several stages may resolve the same choice), unless the detection is forced."""
+    if cpu_has_native_bf16() or _WARNED or NATIVE_BF16_ENV in os.environ:
+        return
+    _WARNED.append(True)
+    ratio = bf16_speed_ratio()
+    print(
+        f"warning: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): a bf16 matmul "
+        f"runs at {ratio:.3g}x the fp32 speed here (about {1 / max(ratio, 1e-9):.0f}x slower); "
+        "use mixed_precision=auto (or no) unless you are measuring this",
+        file=sys.stderr,
+    )
 
 
 def add_precision_flag(parser: argparse.ArgumentParser) -> None:
