@@ -139,14 +139,10 @@ def make_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.opti
 def _run(
     config: PretrainConfig, accelerator: Accelerator, pipeline: Pipeline, model: MoCoV3
 ) -> PretrainResult:
-    out = Path(config.out)
-    main = accelerator.is_main_process
     if accelerator.num_processes > 1:
         model = convert_batchnorm(model, accelerator.device)
     optimizer = make_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
-    moco: MoCoV3 = accelerator.unwrap_model(model)
-
     run = TrainingRun(
         accelerator,
         RunSettings.of(config),
@@ -158,54 +154,21 @@ def _run(
         advice=DIVERGENCE_ADVICE,
     )
     checkpoint = run.start(config, pipeline.facts())
-    if checkpoint is not None and not pipeline.indexed and main:
+    if checkpoint is not None and not pipeline.indexed and accelerator.is_main_process:
         print(
             f"warning: resuming a stream of shards at step {run.position.step}: the stream restarts from the "
             "start of its shards instead of skipping the samples already seen (see docs/data.md)",
             file=sys.stderr,
         )
-    monitor = None
-    if config.monitor_every > 0 and main and not pipeline.indexed:
-        print(
-            "note: the kNN monitor is off for a stream of shards (it needs an indexed, labelled set); "
-            "evaluate exported checkpoints with probe instead",
-            file=sys.stderr,
-        )
-    if config.monitor_every > 0 and main and pipeline.indexed:
-        monitor = KnnMonitor(
-            config.dataset,
-            data_options(config),
-            config.model.img_size,
-            config.monitor_train_size,
-            config.monitor_val_size,
-            config.monitor_k,
-        )
-    result = PretrainResult("finished", out, run.position.step, run.end)
-
-    def at_epoch(epoch: int) -> None:  # 0: before a fresh run's first step; e: after epoch e
-        due = (
-            config.monitor_at_start
-            if epoch == 0
-            else config.monitor_every and epoch % config.monitor_every == 0
-        )
-        if not due:
-            return
-        if monitor is not None:
-            top1 = monitor(moco.backbone, accelerator.device)
-            record = {
-                "event": "monitor",
-                "epoch": epoch,
-                "at_step": run.position.step,
-                f"knn_top1_k{config.monitor_k}": top1,
-            }
-            result.monitor.append(record)
-            run.log.event(record)
-        accelerator.wait_for_everyone()
-
+    result = PretrainResult("finished", Path(config.out), run.position.step, run.end)
+    backbone = accelerator.unwrap_model(model).backbone
+    monitoring = Monitoring(
+        config, accelerator, run, result, _monitor(config, pipeline, accelerator), backbone
+    )
     model.train()
     with run:
         step = MocoStep(config, accelerator, model, optimizer)
-        result.status = run.steps(step, pipeline.batches, at_epoch)
+        result.status = run.steps(step, pipeline.batches, monitoring.at_epoch)
         if result.status == "finished":
 
             def export() -> None:  # main process only; a failure there stops every process
@@ -219,3 +182,58 @@ def _run(
     result.step, result.nan_skipped = run.position.step, run.position.nan_skipped
     result.signal, result.last_loss = run.signal, run.last_loss
     return result
+
+
+def _monitor(config: PretrainConfig, pipeline: Pipeline, accelerator: Accelerator) -> KnnMonitor | None:
+    """The kNN monitor of the main process, when asked for and the data is an indexed, labelled set."""
+    if config.monitor_every <= 0 or not accelerator.is_main_process:
+        return None
+    if not pipeline.indexed:
+        print(
+            "note: the kNN monitor is off for a stream of shards (it needs an indexed, labelled set); "
+            "evaluate exported checkpoints with probe instead",
+            file=sys.stderr,
+        )
+        return None
+    return KnnMonitor(
+        config.dataset,
+        data_options(config),
+        config.model.img_size,
+        config.monitor_train_size,
+        config.monitor_val_size,
+        config.monitor_k,
+    )
+
+
+@dataclass
+class Monitoring:
+    """The epoch hook: the kNN accuracy of the backbone every ``monitor_every`` epochs (and before a fresh
+    run's first step with ``monitor_at_start``), logged as an event; collective (every process waits)."""
+
+    config: PretrainConfig
+    accelerator: Accelerator
+    run: TrainingRun
+    result: PretrainResult
+    monitor: KnnMonitor | None
+    backbone: torch.nn.Module  # the training model's, evaluated as it is now
+
+    def at_epoch(self, epoch: int) -> None:  # 0: before a fresh run's first step; e: after epoch e
+        config = self.config
+        due = (
+            config.monitor_at_start
+            if epoch == 0
+            else config.monitor_every and epoch % config.monitor_every == 0
+        )
+        if not due:
+            return
+        if self.monitor is not None:
+            top1 = self.monitor(self.backbone, self.accelerator.device)
+            record = {
+                "event": "monitor",
+                "epoch": epoch,
+                "at_step": self.run.position.step,
+                f"knn_top1_k{config.monitor_k}": top1,
+            }
+            self.result.monitor.append(record)
+            self.run.log.event(record)
+        self.accelerator.wait_for_everyone()
