@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from selfsup.accel import released
@@ -32,9 +31,9 @@ from selfsup.distill import distillation_loss
 from selfsup.errors import UsageError
 from selfsup.loop import RunSettings, TrainingRun
 from selfsup.runstate import RUN_KEYS
-from selfsup.sampling import GlobalBatchSampler, SeededImages
+from selfsup.sampling import SeededImages, global_batch_loader
 from selfsup.schedules import apply_lr, warmup_cosine
-from selfsup.workers import leave_signals_to_the_main_process, stop_workers
+from selfsup.workers import stop_workers
 
 # Keys that may change when an interrupted compress resumes its recovery: the steps after it
 # (quantization, measurement) and how the run is driven; anything else changes the recovery recipe.
@@ -142,22 +141,14 @@ def recover(
             f"batch_size={config.batch_size} is larger than the training set ({len(train_set)} images): "
             "lower batch_size"
         )
-    sampler = GlobalBatchSampler(
-        len(train_set),
+    loader, sampler = global_batch_loader(
+        SeededImages(train_set, transform),
         config.batch_size,
         accelerator.process_index,
         accelerator.num_processes,
         config.seed,
-    )
-    workers = config.num_workers
-    loader = DataLoader(
-        SeededImages(train_set, transform),
-        batch_sampler=sampler,
-        generator=torch.Generator(),  # the loader's draw leaves the global stream alone
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=accelerator.device.type == "cuda",
-        worker_init_fn=leave_signals_to_the_main_process,
+        config.num_workers,
+        accelerator.device,
     )
 
     def batches(epoch: int, first_step: int):

@@ -15,9 +15,9 @@ from selfsup.data import DataOptions, DatasetInfo, build_dataset, class_targets,
 from selfsup.errors import UsageError
 from selfsup.finetune.augment import train_transform
 from selfsup.finetune.settings import FinetuneConfig
-from selfsup.sampling import GlobalBatchSampler, SeededImages
+from selfsup.sampling import GlobalBatchSampler, SeededImages, global_batch_loader, make_loader
 from selfsup.transforms import eval_transform
-from selfsup.workers import leave_signals_to_the_main_process, stop_workers
+from selfsup.workers import stop_workers
 
 
 def data_options(config: FinetuneConfig) -> DataOptions:
@@ -116,25 +116,11 @@ def build_pipeline(
     val, _ = build_dataset(
         config.dataset, "val", eval_transform(img_size, mean, std, info.image_size), data_options(config)
     )
-    workers = config.num_workers
-    common: dict[str, Any] = dict(
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        worker_init_fn=leave_signals_to_the_main_process,
-    )
-    sampler = GlobalBatchSampler(len(train), config.batch_size, rank, world, config.seed)
     images = SeededImages(train, train_transform(img_size, mean, std, config.augment))
-    # Own generators: a loader draws its workers' base seed when an iterator starts (every epoch
-    # without persistent workers, once with them); from the global generator that draw would shift
-    # drop path and mixup by the loader's settings, and a resumed run would differ from a straight one.
-    # (Augmentations do not depend on it: they are seeded per sample.)
-    train_loader = DataLoader(images, batch_sampler=sampler, generator=torch.Generator(), **common)
-    val_loader = DataLoader(
-        val,
-        batch_size=max(1, config.batch_size // world),
-        shuffle=False,
-        generator=torch.Generator(),
-        **common,
+    train_loader, sampler = global_batch_loader(
+        images, config.batch_size, rank, world, config.seed, config.num_workers, device
+    )
+    val_loader = make_loader(
+        val, config.num_workers, device, batch_size=max(1, config.batch_size // world), shuffle=False
     )
     return Pipeline(info, train_loader, val_loader, sampler, len(train), len(val))

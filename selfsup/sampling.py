@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from selfsup.errors import UsageError
-from selfsup.workers import shutdown_iterator
+from selfsup.workers import leave_signals_to_the_main_process, shutdown_iterator
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -144,3 +144,29 @@ class EndlessBatches:
         """Stop the stream's worker processes (:func:`selfsup.workers.shutdown_iterator`)."""
         shutdown_iterator(self.iterator)
         self.iterator = None
+
+
+def make_loader(dataset, num_workers: int, device: torch.device, **kwargs: Any) -> DataLoader:
+    """Every stage's DataLoader: workers that leave SIGTERM/SIGINT to the main process and live across
+    epochs, pinned memory on CUDA, and a generator of its own. (A loader draws its workers' base seed
+    when an iterator starts; from the global generator that draw would shift drop path and mixup by
+    the loader's settings, and a resumed run would differ from a straight one. Augmentations do not
+    depend on it: they are seeded per sample.)"""
+    return DataLoader(
+        dataset,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        worker_init_fn=leave_signals_to_the_main_process,
+        generator=torch.Generator(),
+        **kwargs,
+    )
+
+
+def global_batch_loader(
+    dataset, batch_size: int, rank: int, world: int, seed: int, num_workers: int, device: torch.device
+) -> tuple[DataLoader, GlobalBatchSampler]:
+    """The training loader of a map-style ``dataset``: this process's slice of each global batch
+    (:class:`GlobalBatchSampler`), through :func:`make_loader`. Move it with ``sampler.set_position``."""
+    sampler = GlobalBatchSampler(len(dataset), batch_size, rank, world, seed)
+    return make_loader(dataset, num_workers, device, batch_sampler=sampler), sampler

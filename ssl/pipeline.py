@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 
 from selfsup.data import DataOptions, DatasetInfo, build_dataset, is_map_style
 from selfsup.errors import UsageError
-from selfsup.sampling import EndlessBatches, GlobalBatchSampler
+from selfsup.sampling import EndlessBatches, GlobalBatchSampler, global_batch_loader, make_loader
 from selfsup.ssl.augment import StreamViews, TwoViews, byol_views
 from selfsup.ssl.settings import PretrainConfig
-from selfsup.workers import leave_signals_to_the_main_process, stop_workers
+from selfsup.workers import stop_workers
 
 
 def data_options(config: PretrainConfig) -> DataOptions:
@@ -78,16 +78,16 @@ def build_pipeline(config: PretrainConfig, rank: int, world: int, device: torch.
     options = replace(data_options(config), need_labels=False, hold_out=config.hold_out_val)
     dataset, info = build_dataset(config.dataset, "train", None, options)
     view1, view2 = byol_views(config.augment, config.model.img_size, info.mean, info.std)
-    workers = config.num_workers
-    common = dict(
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        worker_init_fn=leave_signals_to_the_main_process,
-    )
     if is_map_style(dataset):
-        sampler = GlobalBatchSampler(len(dataset), config.batch_size, rank, world, config.seed)
-        loader = DataLoader(TwoViews(dataset, view1, view2), batch_sampler=sampler, **common)
+        loader, sampler = global_batch_loader(
+            TwoViews(dataset, view1, view2),
+            config.batch_size,
+            rank,
+            world,
+            config.seed,
+            config.num_workers,
+            device,
+        )
         pipeline = Pipeline(dataset, info, sampler.steps_per_epoch(), loader, sampler)
         size = len(dataset)
     else:
@@ -96,7 +96,9 @@ def build_pipeline(config: PretrainConfig, rank: int, world: int, device: torch.
                 f"{config.dataset} is a stream of shards: set length_per_epoch=<images per epoch>"
             )
         views = StreamViews(dataset, view1, view2, config.seed, rank)
-        loader = DataLoader(views, batch_size=config.batch_size // world, drop_last=True, **common)
+        loader = make_loader(
+            views, config.num_workers, device, batch_size=config.batch_size // world, drop_last=True
+        )
         steps = config.length_per_epoch // config.batch_size
         pipeline = Pipeline(dataset, info, steps, loader, None, EndlessBatches(loader))
         size = config.length_per_epoch
