@@ -33,6 +33,7 @@ from selfsup.loop import RunSettings, TrainingRun
 from selfsup.runstate import RUN_KEYS
 from selfsup.sampling import SeededImages, global_batch_loader
 from selfsup.schedules import apply_lr, warmup_cosine
+from selfsup.transforms import is_low_res
 from selfsup.workers import stop_workers
 
 # Keys that may change when an interrupted compress resumes its recovery: the steps after it
@@ -50,7 +51,7 @@ ADVICE = "lower recover_lr or use mixed_precision=no"
 
 
 def train_transform(img_size: int, native_size: int, mean, std) -> T.Compose:
-    if native_size <= 64:
+    if is_low_res(native_size):
         crop = [T.Resize(img_size), T.RandomCrop(img_size, padding=img_size // 8)]
     else:
         crop = [T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC)]

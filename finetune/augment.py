@@ -18,8 +18,8 @@ from timm.data.auto_augment import RandAugment, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
-from selfsup.finetune.model import is_low_res
 from selfsup.finetune.settings import AugmentSettings
+from selfsup.transforms import is_low_res
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:

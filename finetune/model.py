@@ -16,8 +16,6 @@ from selfsup.errors import UsageError
 from selfsup.finetune.settings import FinetuneConfig
 from selfsup.models import MOCO_V3_ARCHS, BackboneSpec, create_backbone
 
-LOW_RES_MAX = 64  # at or below this input size the run is in the low-resolution mode
-
 
 @dataclass
 class Start:
@@ -130,10 +128,6 @@ def _as_classifier_spec(spec: BackboneSpec) -> BackboneSpec:
     """A fine-tuned position embedding is learned weights, not a table to rebuild; the patch
     projection is no longer frozen."""
     return replace(spec, pos_embed="learned", frozen_patch_embed=False, extra=dict(spec.extra))
-
-
-def is_low_res(img_size: int) -> bool:
-    return img_size <= LOW_RES_MAX
 
 
 def low_res_note(img_size: int, patch: int | None) -> str:

@@ -37,7 +37,6 @@ from selfsup.finetune.model import (
     Start,
     Teacher,
     build_start,
-    is_low_res,
     low_res_note,
     uses_distillation_token,
     warn_teacher_kind,
@@ -57,7 +56,7 @@ from selfsup.loop import (
 from selfsup.models import is_vit
 from selfsup.runstate import truncate_log
 from selfsup.schedules import apply_lr, scaled_lr, warmup_cosine
-from selfsup.transforms import eval_crop_pct
+from selfsup.transforms import eval_crop_pct, is_low_res
 
 __all__ = ["FinetuneResult", "FinetuneStep", "TrainingDiverged", "train"]
 

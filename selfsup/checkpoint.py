@@ -31,6 +31,7 @@ from selfsup.errors import UsageError
 from selfsup.files import atomic_write_bytes
 from selfsup.models import BackboneSpec, create_backbone, is_vit, timm_pretrained_cfg, timm_rebuild_args
 from selfsup.shapes import apply_shapes
+from selfsup.transforms import is_low_res
 
 FORMAT_VERSION = 4  # 2: the `timm` section (stock-timm rebuild recipe); 3: parent_sha256; 4: shapes
 # classifier heads in timm's models: ViTs (a distilled DeiT has two), ConvNeXt (head.fc), ResNets, EfficientNets
@@ -104,7 +105,7 @@ def save_checkpoint(
     target = weights_path(path)
     if model is not None:
         name, kwargs = timm_rebuild_args(model, meta.spec, meta.num_classes)
-        crop = crop_pct if crop_pct is not None else (1.0 if meta.img_size <= 64 else 0.875)
+        crop = crop_pct if crop_pct is not None else (1.0 if is_low_res(meta.img_size) else 0.875)
         meta.timm = {
             "model_name": name,
             "kwargs": kwargs,

@@ -7,6 +7,13 @@ from collections.abc import Sequence
 from timm.data import create_transform
 
 INTERPOLATION = "bicubic"  # timm's ViTs and DeiT evaluate with bicubic resizing
+# At or below this size images are CIFAR-like: used whole (no centre crop), augmented with a padded
+# crop instead of a random resized one, and (fine-tuning) trained in the low-resolution mode.
+LOW_RES_MAX = 64
+
+
+def is_low_res(size: int) -> bool:
+    return size <= LOW_RES_MAX
 
 
 def eval_crop_pct(img_size: int, native_size: int | None = None) -> float:

@@ -24,6 +24,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from selfsup.sampling import sample_seed, seeded
+from selfsup.transforms import is_low_res
 from selfsup.tta.adapter import Adapter
 from selfsup.tta.benchmark import to_model_input
 
@@ -55,7 +56,7 @@ def view_transform(native_size: int) -> T.Compose:
     magnitude drawn uniformly below it (timm's ``magnitude_std=inf``)."""
     crop = (
         T.RandomCrop(native_size, padding=native_size // 8)
-        if native_size <= 64
+        if is_low_res(native_size)
         else T.RandomResizedCrop(native_size)
     )
     hparams = {"img_mean": (128, 128, 128), "magnitude_std": float("inf")}
@@ -66,7 +67,7 @@ def view_transform(native_size: int) -> T.Compose:
 def default_settings(native_size: int) -> tuple[str, float, float, int]:
     """(optimizer, lr, weight decay, views) of the reference: CIFAR models SGD 0.005 with 32 views,
     ImageNet ViT-like models AdamW 1e-5, weight decay 0.01, with 64 views."""
-    return ("sgd", 0.005, 0.0, 32) if native_size <= 64 else ("adamw", 1e-5, 0.01, 64)
+    return ("sgd", 0.005, 0.0, 32) if is_low_res(native_size) else ("adamw", 1e-5, 0.01, 64)
 
 
 class MEMO(Adapter):
