@@ -110,17 +110,7 @@ class Recovery:
 
 
 def run_settings(config: CompressConfig) -> RunSettings:
-    return RunSettings(
-        out=f"{config.out}/recovery",
-        epochs=config.recover_epochs,
-        resume=config.resume,
-        force_resume=config.force_resume,
-        max_steps=config.max_steps,
-        save_every_steps=config.save_every_steps,
-        keep_checkpoints=1,
-        log_with=config.log_with,
-        progress_bar=config.progress_bar,
-    )
+    return RunSettings.of(config, out=f"{config.out}/recovery", epochs=config.recover_epochs)
 
 
 def recover(

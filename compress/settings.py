@@ -8,10 +8,11 @@ from typing import Literal
 
 from selfsup.errors import UsageError
 from selfsup.precision import Precision
+from selfsup.runstate import RunKeys
 
 
 @dataclass
-class CompressConfig:
+class CompressConfig(RunKeys):
     checkpoint: str | None = None  # a classifier (fine-tune's best.safetensors)
     dataset: str = "cifar10"  # the classifier's dataset: validation split for the table, train for the rest
     data_root: str | None = None
@@ -35,15 +36,11 @@ class CompressConfig:
     seed: int = 0
     threads: int | None = None
     num_workers: int = 0
-    progress_bar: bool = True
     out: str = "runs/compress"
-    # recovery is a training run in OUT/recovery (selfsup.loop): these keys mean what they mean in finetune
-    resume: str = "auto"  # "auto": continue OUT/recovery's last checkpoint; "never"; or a checkpoint folder
-    force_resume: bool = False
-    max_steps: int | None = None  # stop recovery early (its schedule still spans recover_epochs)
-    save_every_steps: int = 0
     mixed_precision: Precision = "auto"  # recovery only; measured in fp32
-    log_with: Literal["none", "tensorboard"] = "none"
+    # Recovery is a training run in OUT/recovery (selfsup.loop): the run keys (resume, max_steps, ...) are
+    # RunKeys', meaning what they mean in finetune; it keeps its last checkpoint only.
+    keep_checkpoints: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.target_macs < 1:

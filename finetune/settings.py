@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from selfsup.errors import UsageError
 from selfsup.precision import Precision
-from selfsup.runstate import RUN_KEYS, check_run_settings
+from selfsup.runstate import RUN_KEYS, RunKeys, check_run_settings
 
 
 @dataclass
@@ -57,7 +57,7 @@ class DistillSettings:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunKeys):
     dataset: str = "cifar10"
     data_root: str | None = None
     checkpoint: str | None = None  # a backbone (pretrain's export) or a classifier (fine-tuned again)
@@ -79,7 +79,6 @@ class FinetuneConfig:
     distill: DistillSettings = field(default_factory=DistillSettings)
     epochs: int = 100
     batch_size: int = 1024  # global, split evenly over the processes
-    max_steps: int | None = None
     eval_every: int = 1  # epochs between validations (and at the end)
     seed: int = 0
     num_workers: int = 8
@@ -91,15 +90,6 @@ class FinetuneConfig:
     synthetic_size: int = 256
     synthetic_classes: int = 4
     out: str = "runs/finetune"
-    resume: str = "auto"
-    force_resume: bool = False
-    save_every_steps: int = 0
-    save_every_epochs: int = 1
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    log_with: Literal["none", "tensorboard"] = "none"
-    progress_bar: bool = True
-    max_nan_steps: int = 5
 
     def __post_init__(self) -> None:
         check_run_settings(self, {"eval_every": 1, "lp_epochs": 0})

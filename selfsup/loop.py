@@ -44,27 +44,18 @@ class TrainingDiverged(Exception):
     """``max_nan_steps`` non-finite losses in a row; the last checkpoint (if any) predates them."""
 
 
-@dataclass
-class RunSettings:
-    """The run-management keys every training stage's config has (same names, same meaning)."""
+@dataclass(kw_only=True)
+class RunSettings(runstate.RunKeys):
+    """What :class:`TrainingRun` needs of a stage's config: the shared run keys, ``out`` and ``epochs``."""
 
     out: str
     epochs: int
-    resume: str = "auto"  # "auto": latest checkpoint in `out` if any; "never"; or a checkpoint folder
-    force_resume: bool = False
-    max_steps: int | None = None  # stop early (the schedules still span `epochs`)
-    save_every_steps: int = 0  # 0: off
-    save_every_epochs: int = 1
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    log_with: str = "none"
-    progress_bar: bool = True
-    max_nan_steps: int = 5
 
     @classmethod
-    def of(cls, config: Any) -> RunSettings:
-        """The run settings of a stage's config dataclass."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+    def of(cls, config: Any, **overrides: Any) -> RunSettings:
+        """The run settings of a stage's config dataclass (``overrides``: e.g. another ``out``)."""
+        values = {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in overrides}
+        return cls(**values, **overrides)
 
 
 class Step(Protocol):

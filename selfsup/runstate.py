@@ -19,7 +19,7 @@ import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from selfsup.errors import UsageError
 from selfsup.files import atomic_write_bytes
@@ -226,6 +226,25 @@ class StopSignals:
 # Settings of every training stage that may differ between a checkpoint and the run that resumes
 # it: where and how the run is driven, not what it computes. A stage adds its own (e.g. monitors)
 # and passes the union as ``resumable``; anything else changes the recipe mid-run and is refused.
+@dataclass(kw_only=True)
+class RunKeys:
+    """The run-management keys of every training stage's config, declared once: pretraining,
+    fine-tuning and compression's recovery inherit them (same names, defaults and meaning), and
+    :class:`selfsup.loop.RunSettings` reads them with the stage's ``out`` and ``epochs``."""
+
+    resume: str = "auto"  # "auto": latest checkpoint in `out` if any; "never"; or a checkpoint folder
+    # continue a checkpoint even though recipe settings changed (listed in a warning)
+    force_resume: bool = False
+    max_steps: int | None = None  # stop early (the schedules still span the epochs)
+    save_every_steps: int = 0  # 0: off
+    save_every_epochs: int = 1
+    keep_checkpoints: int = 2
+    log_every: int = 1  # steps between log.jsonl records
+    log_with: Literal["none", "tensorboard"] = "none"
+    progress_bar: bool = True
+    max_nan_steps: int = 5  # this many non-finite losses in a row stop the run
+
+
 RUN_KEYS = frozenset(
     {
         "out",

@@ -25,7 +25,7 @@ from typing import Literal
 from selfsup.errors import UsageError
 from selfsup.models import BackboneSpec
 from selfsup.precision import Precision
-from selfsup.runstate import RUN_KEYS, check_run_settings
+from selfsup.runstate import RUN_KEYS, RunKeys, check_run_settings
 
 
 def _paper_backbone() -> BackboneSpec:
@@ -75,7 +75,7 @@ class AugmentSettings:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunKeys):
     dataset: str = "imagenet"
     data_root: str | None = None
     out: str = "runs/pretrain"
@@ -85,7 +85,6 @@ class PretrainConfig:
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     epochs: int = 300
     batch_size: int = 4096  # global, split evenly over the processes
-    max_steps: int | None = None  # stop early (the schedules still span `epochs`)
     seed: int = 0
     num_workers: int = 8  # DataLoader workers per process
     threads: int | None = None  # torch threads per process; 1 keeps a shared CPU from thrashing
@@ -99,17 +98,7 @@ class PretrainConfig:
     length_per_epoch: int | None = None  # samples per epoch; required for WebDataset shards
     synthetic_size: int = 256
     synthetic_classes: int = 4
-    # run management
-    resume: str = "auto"  # "auto": latest checkpoint in `out` if any; "never"; or a checkpoint folder
-    # continue a checkpoint even though recipe settings changed (listed in a warning)
-    force_resume: bool = False
-    save_every_steps: int = 0  # 0: off
-    save_every_epochs: int = 1
-    keep_checkpoints: int = 2
-    log_every: int = 1  # steps between log.jsonl records
-    log_with: Literal["none", "tensorboard"] = "none"
-    progress_bar: bool = True
-    max_nan_steps: int = 5  # this many non-finite losses in a row stop the run
+    # run management: resume, saves, logging and the NaN policy are selfsup.runstate.RunKeys
     monitor_every: int = 0  # epochs between kNN monitors; 0: off
     monitor_at_start: bool = True
     monitor_train_size: int = 2000
