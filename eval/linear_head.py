@@ -31,7 +31,7 @@ from selfsup.accel import threads_for
 from selfsup.errors import UsageError
 from selfsup.eval.logreg import LinearProbeResult
 from selfsup.metrics import check_finite, topk_accuracy
-from selfsup.schedules import scaled_lr, warmup_cosine
+from selfsup.schedules import apply_lr, scaled_lr, warmup_cosine
 
 AugmentedBatches = Callable[[int, int, bool], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 """``augmented(epoch, batch_size, drop_last)``: that epoch's shuffled (features, labels) batches."""
@@ -315,8 +315,7 @@ def _train(
             if len(yb) < 2 and recipe.batchnorm:
                 continue  # BatchNorm needs two samples (a batch thinned by skipped corrupt images)
             step_lr = learning_rate(recipe, lr, epoch * steps_per_epoch + i, steps_per_epoch)
-            for group in opt.param_groups:
-                group["lr"] = step_lr
+            apply_lr(opt, step_lr)
             loss = loss_fn(head(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -31,7 +31,7 @@ from selfsup.loop import (
     on_main,
     start_process,
 )
-from selfsup.schedules import scaled_lr, warmup_cosine
+from selfsup.schedules import apply_lr, scaled_lr, warmup_cosine
 from selfsup.ssl.builder import MoCoV3, build_model
 from selfsup.ssl.export import export_backbone, export_latest
 from selfsup.ssl.monitor import KnnMonitor
@@ -80,8 +80,7 @@ class MocoStep:
         c, o = self.config, self.config.optim
         lr = warmup_cosine(progress, scaled_lr(o.base_lr, c.batch_size), o.warmup_epochs, c.epochs)
         m = moco_momentum(progress, c.moco.momentum, c.epochs, c.moco.momentum_cosine)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        apply_lr(self.optimizer, lr)
         x1, x2 = (x.to(self.accelerator.device, non_blocking=True) for x in batch)
         moco = self.accelerator.unwrap_model(self.model)
         set_training_progress(moco, progress)  # schedules inside a backbone (DynamicConv's temperature)
