@@ -129,6 +129,13 @@ class IndexOptions:
 
     def resolved(self, n: int, dim: int, pq: bool = False) -> tuple[int, int, int, int]:
         """(nlist, nprobe, pq_m, train_rows) for ``n`` training rows of width ``dim`` (``pq``: ivfpq)."""
+        self._check()
+        nlist = self._nlist(n)
+        nprobe = min(self.nprobe or max(32, nlist // 32), nlist)
+        return nlist, nprobe, self._pq_m(dim), self._train_rows(n, nlist, pq)
+
+    def _check(self) -> None:
+        """Refuse set options outside their range (an unset one takes the default)."""
         for name in ("nlist", "nprobe", "pq_m", "train_rows"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -141,14 +148,20 @@ class IndexOptions:
             )
         if not 1 <= self.pq_bits <= 16:
             raise UsageError(f"kNN index option pq_bits must be in 1..16 (8 is usual), got {self.pq_bits}")
+
+    def _nlist(self, n: int) -> int:
         nlist = self.nlist or max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
-        nlist = min(nlist, n)
-        nprobe = min(self.nprobe or max(32, nlist // 32), nlist)
+        return min(nlist, n)
+
+    def _pq_m(self, dim: int) -> int:
         pq_m = self.pq_m or max([m for m in GPU_PQ_CODE_BYTES if dim % m == 0 and dim // m >= 8] or [1])
         if dim % pq_m:
             raise UsageError(
                 f"kNN index option pq_m={pq_m} must divide the feature width {dim}; pick a divisor of {dim}"
             )
+        return pq_m
+
+    def _train_rows(self, n: int, nlist: int, pq: bool) -> int:
         train_rows = self.train_rows or MIN_POINTS_PER_CENTROID * nlist
         if pq:
             codes = 2**self.pq_bits
@@ -159,7 +172,7 @@ class IndexOptions:
                 )
             # The PQ k-means has 2^bits centroids per sub-quantizer: the same 39 points each.
             train_rows = max(train_rows, MIN_POINTS_PER_CENTROID * codes)
-        return nlist, nprobe, pq_m, min(n, train_rows)
+        return min(n, train_rows)
 
 
 def _memory_budget(gpus: int) -> int:
@@ -388,22 +401,6 @@ def neighbours(
     built = build_index(train, kind, faiss_gpus() if name == "faiss-gpu" else 0, options)
     sims, idx = built.search(test, k, chunk_elems=chunk_elems)
     return Neighbours(sims, idx, name, built.describe())
-
-
-def search(
-    train: torch.Tensor,
-    test: torch.Tensor,
-    k: int,
-    backend: Backend = "auto",
-    chunk_elems: int = 1 << 26,
-    index: Index = "auto",
-    options: IndexOptions | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The ``k`` most cosine-similar training rows for each test row: (similarities, indices, backend).
-
-    :func:`neighbours` also says which index was used."""
-    found = neighbours(train, test, k, backend, index, options, chunk_elems)
-    return found.sims, found.idx, found.backend
 
 
 def recall_at_k(approx_idx: torch.Tensor, exact_idx: torch.Tensor) -> float:

@@ -93,8 +93,9 @@ def test_fewer_than_100_test_samples_with_small_chunks(n_test, monkeypatch):
     gen = torch.Generator().manual_seed(2)
     train, train_y = torch.randn(50, 8, generator=gen), torch.randint(0, 4, (50,), generator=gen)
     test = torch.randn(n_test, 8, generator=gen)
-    sims, idx, _ = knn.search(train, test, 5, backend="torch", chunk_elems=10)  # 1 row per chunk
-    full, full_idx, _ = knn.search(train, test, 5, backend="torch")
+    chunked = knn.neighbours(train, test, 5, backend="torch", chunk_elems=10)  # 1 row per chunk
+    whole = knn.neighbours(train, test, 5, backend="torch")
+    sims, idx, full, full_idx = chunked.sims, chunked.idx, whole.sims, whole.idx
     assert idx.shape == (n_test, 5) and torch.equal(idx, full_idx) and torch.allclose(sims, full)
     result = knn_classify(train, train_y, test, ks=(5,), num_classes=4)
     assert torch.equal(result[5].predictions, reference_knn(train, train_y, test, 5, 0.07, 4))
