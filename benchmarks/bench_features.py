@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from selfsup.eval.extract import extract_features
+from selfsup.features import extract_features
 from selfsup.models import BackboneSpec, create_backbone
 from selfsup.precision import describe_cpu
 

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from selfsup.eval.linear_head import AugmentedBatches, resolve_protocol
-from selfsup.features import extract
+from selfsup.features import embed
 from selfsup.imagefolder import collate_skip_none
-from selfsup.precision import autocast, resolve_precision
+from selfsup.precision import resolve_precision
 
 CROP_SCALE = (0.08, 1.0)  # torchvision's default, used by both official scripts
 
@@ -74,9 +74,7 @@ def augmented_batches(
             pin_memory=device.type == "cuda",
         )
         for images, targets in loader:
-            with torch.no_grad(), autocast(device, precision):
-                feats = extract(model, images.to(device, non_blocking=True), feature)
-            yield feats.float(), targets.long()
+            yield embed(model, images, feature, device, precision), targets.long()
 
     return batches
 

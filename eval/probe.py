@@ -22,12 +22,11 @@ from selfsup.data import DataOptions, DatasetInfo, build_dataset
 from selfsup.errors import UsageError
 from selfsup.eval.augment import probe_augmented_batches
 from selfsup.eval.cache import FeatureCache, cache_key, default_cache_dir
-from selfsup.eval.extract import extract_features
 from selfsup.eval.knn import DEFAULT_KS, knn_classify
 from selfsup.eval.linear_head import LinearHeadConfig, resolve_protocol, train_linear_head
 from selfsup.eval.logreg import LogRegConfig, logreg_probe
 from selfsup.eval.sources import Source, from_checkpoint, from_model_name, random_init_twin, unique_names
-from selfsup.features import check_feature_kind
+from selfsup.features import check_feature_kind, extract_features
 from selfsup.files import ensure_writable_dir
 from selfsup.imagefolder import report_corrupt
 from selfsup.metrics import check_finite
@@ -294,7 +293,7 @@ def run_probe(config: ProbeConfig, accelerator=None) -> dict[str, Any]:
     sources = _sources(config)
     if config.out:
         ensure_writable_dir(config.out, "--out")  # fail now, not after extracting every feature
-    accelerator = accelerator or make_accelerator(None)  # features autocast themselves (extract.py)
+    accelerator = accelerator or make_accelerator(None)  # features autocast themselves (selfsup.features)
     asked = config.mixed_precision
     config.mixed_precision = resolve_precision(asked, accelerator.device)  # recorded in the report
     if accelerator.is_main_process:

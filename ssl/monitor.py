@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from selfsup.data import DataOptions, build_dataset
 from selfsup.eval.knn import knn_classify
-from selfsup.features import extract
+from selfsup.features import extract_features
 from selfsup.transforms import eval_transform
 
 
@@ -38,13 +38,12 @@ class KnnMonitor:
         self.k = k
         self.num_classes = info.num_classes
 
-    @torch.no_grad()
     def _embed(self, backbone: nn.Module, dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, labels = [], []
-        for images, targets in DataLoader(dataset, batch_size=256, num_workers=0):
-            feats.append(extract(backbone, images.to(device), "cls").float().cpu())
-            labels.append(torch.as_tensor(targets))
-        return torch.cat(feats), torch.cat(labels)
+        # The main process alone (the others wait at the epoch hook), in fp32 as the monitor always ran.
+        feats, labels = extract_features(
+            backbone, dataset, "cls", num_workers=0, mixed_precision="no", device=device, progress=False
+        )
+        return torch.from_numpy(feats), torch.from_numpy(labels)
 
     def __call__(self, backbone: nn.Module, device: torch.device) -> float:
         """Top-1 kNN accuracy in percent."""
