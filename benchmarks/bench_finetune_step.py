@@ -1,4 +1,4 @@
-"""Images/s of one fine-tuning step: the stage's ``FinetuneStep`` against a minimal plain timm step.
+"""Images/s of one fine-tuning step: the stage's ``finetune_step`` against a minimal plain timm step.
 
 Same model, same batch (in memory, so the input pipeline is not measured), same precision, in one
 process, the two implementations interleaved repeat by repeat so that a shared or throttled CPU
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from selfsup.accel import make_accelerator
 from selfsup.config import load_config
 from selfsup.finetune.settings import FinetuneConfig
-from selfsup.finetune.train import FinetuneStep, _criterion, _mixup, param_groups
+from selfsup.finetune.train import _criterion, _mixup, finetune_step, param_groups
 from selfsup.models import BackboneSpec, create_backbone
 from selfsup.precision import PRECISIONS, autocast, describe_cpu, resolve_precision
 
@@ -70,7 +70,7 @@ def _stage(spec: BackboneSpec, precision: str):
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    step = FinetuneStep(
+    step = finetune_step(
         config, accelerator, model, optimizer, _mixup(config, NUM_CLASSES), _criterion(config)
     )
 

@@ -19,20 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from torchvision import transforms as T
 
 from selfsup.accel import released
-from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
+from selfsup.classifier import ClassifierStep, Distillation
 from selfsup.compress.settings import CompressConfig
-from selfsup.distill import distillation_loss
 from selfsup.errors import UsageError
 from selfsup.loop import RunSettings, TrainingRun
 from selfsup.runstate import RUN_KEYS
 from selfsup.sampling import SeededImages, global_batch_loader
-from selfsup.schedules import apply_lr, warmup_cosine
+from selfsup.schedules import warmup_cosine
 from selfsup.transforms import is_low_res
 from selfsup.workers import stop_workers
 
@@ -58,47 +56,22 @@ def train_transform(img_size: int, native_size: int, mean, std) -> T.Compose:
     return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
-@dataclass
-class RecoveryStep:
-    """One AdamW step on the labels (and the teacher's soft targets); lr from the fractional epoch."""
+def recovery_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: CompressConfig,
+    teacher: nn.Module | None = None,
+) -> ClassifierStep:
+    """The core's classifier step in its plain configuration: cross-entropy (and the teacher's soft
+    targets), AdamW at ``recover_lr`` warmed up over a tenth of the epochs (at most one), then cosine."""
+    peak, epochs = config.recover_lr, config.recover_epochs
 
-    accelerator: Accelerator
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    peak_lr: float
-    epochs: int
-    teacher: nn.Module | None = None
-    temperature: float = 4.0
-    alpha: float = 0.5
+    def schedule(progress: float) -> tuple[float, bool]:
+        return warmup_cosine(progress, peak, min(1.0, epochs / 10), epochs), False
 
-    @property
-    def warmup(self) -> float:
-        return min(1.0, self.epochs / 10)
-
-    def forward(self, batch, progress: float):
-        lr = warmup_cosine(progress, self.peak_lr, self.warmup, self.epochs)
-        apply_lr(self.optimizer, lr)
-        net = self.accelerator.unwrap_model(self.model)
-        set_training_progress(net, progress)
-        images, labels = (t.to(self.accelerator.device) for t in batch)
-        self.optimizer.zero_grad(set_to_none=True)  # also drops the gradients of a skipped NaN step
-        with self.accelerator.autocast():
-            logits = self.model(images).float()
-            loss = F.cross_entropy(logits, labels)
-            extra = auxiliary_loss(net)  # e.g. SkipNet's compute penalty
-            if extra is not None:
-                loss = loss + extra
-            if self.teacher is not None:
-                with torch.no_grad():
-                    soft = self.teacher(images).float()
-                loss = distillation_loss(
-                    "hinton", loss, logits, soft, alpha=self.alpha, temperature=self.temperature
-                )
-        self.accelerator.backward(loss)
-        return loss.detach(), {"lr": lr}
-
-    def update(self, loss: torch.Tensor) -> None:
-        self.optimizer.step()
+    distill = Distillation("hinton", config.kd_alpha, config.kd_temperature)
+    return ClassifierStep(accelerator, model, optimizer, schedule, teacher=teacher, distill=distill)
 
 
 @dataclass
@@ -161,16 +134,7 @@ def recover(
         advice=ADVICE,
     )
     run.start(config, data, same_data=tuple(data))
-    step = RecoveryStep(
-        accelerator,
-        prepared,
-        optimizer,
-        config.recover_lr,
-        config.recover_epochs,
-        teacher,
-        config.kd_temperature,
-        config.kd_alpha,
-    )
+    step = recovery_step(accelerator, prepared, optimizer, config, teacher)
     prepared.train()
     try:
         with run:

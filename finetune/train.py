@@ -1,17 +1,19 @@
-"""Fine-tuning: ``train(config) -> FinetuneResult``, the classification step wired into the core loop.
+"""Fine-tuning: ``train(config) -> FinetuneResult``, the core's classifier step wired into the core loop.
 
-Per step, as MAE's ``engine_finetune.py`` and DeiT's ``train_one_epoch``: lr from the fractional
-epoch (warm-up + cosine to ``min_lr``, times each layer-decay group's ``lr_scale``), mixup/cutmix,
-forward, loss (soft-target or label-smoothed cross-entropy, plus the teacher's term when
-distilling), backward (in ``accum_steps`` passes), clipping, AdamW step, EMA update. Resume, the
-save cadence, SIGTERM/SIGINT saves, the NaN/inf policy and the run log are the core loop's
-(:mod:`selfsup.loop`). Validation after every ``eval_every`` epochs and at the end; the best and
-the last classifier are exported as project checkpoints that stock timm loads.
+The step (:class:`selfsup.classifier.ClassifierStep`, as MAE's ``engine_finetune.py`` and DeiT's
+``train_one_epoch``) is configured here: lr from the fractional epoch (warm-up + cosine to
+``min_lr``, times each layer-decay group's ``lr_scale``; LP-FT's head-only epochs first), mixup/cutmix,
+soft-target or label-smoothed cross-entropy, the teacher's term when distilling, ``accum_steps``
+passes, clipping, EMA. Resume, the save cadence, SIGTERM/SIGINT saves, the NaN/inf policy and the
+run log are the core loop's (:mod:`selfsup.loop`). Validation after every ``eval_every`` epochs and
+at the end; the best and the last classifier are exported as project checkpoints that stock timm
+loads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -29,10 +31,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from selfsup.accel import released
-from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
-from selfsup.checkpoint import HEAD_PREFIXES, CheckpointMeta, save_checkpoint, timm_call
+from selfsup.checkpoint import CheckpointMeta, save_checkpoint, timm_call
+from selfsup.classifier import ClassifierStep, Distillation
 from selfsup.config import to_dict
-from selfsup.distill import distillation_loss
 from selfsup.finetune.model import (
     Start,
     Teacher,
@@ -55,10 +56,10 @@ from selfsup.loop import (
 )
 from selfsup.models import is_vit
 from selfsup.runstate import truncate_log
-from selfsup.schedules import apply_lr, scaled_lr, warmup_cosine
+from selfsup.schedules import scaled_lr, warmup_cosine
 from selfsup.transforms import eval_crop_pct, is_low_res
 
-__all__ = ["FinetuneResult", "FinetuneStep", "TrainingDiverged", "train"]
+__all__ = ["FinetuneResult", "TrainingDiverged", "finetune_step", "train"]
 
 BAR_FIELDS = {"loss": "{loss:.4f}", "lr": "{lr:.2e}", "img_s": "{images_per_s:.0f}"}
 DIVERGENCE_ADVICE = "lower optim.base_lr, set optim.clip_grad (e.g. 1.0) or use mixed_precision=no"
@@ -100,89 +101,34 @@ def lr_at(config: FinetuneConfig, progress: float) -> tuple[float, bool]:
     return warmup_cosine(progress - lp, peak, o.warmup_epochs, config.epochs - lp, o.min_lr), False
 
 
-def is_head(name: str) -> bool:
-    return name.startswith(HEAD_PREFIXES)
-
-
-@dataclass
-class FinetuneStep:
-    """One optimizer step: the backward passes run in :meth:`forward` (one per micro-batch), so
-    :meth:`update` (called only when the loss is finite) is clipping, the AdamW step and EMA."""
-
-    config: FinetuneConfig
-    accelerator: Accelerator
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    mixup: Mixup | None
-    criterion: nn.Module
-    teacher: Teacher | None = None
-    ema: ModelEmaV3 | None = None
-    steps_per_epoch: int = 1
-    head_only: bool = False
-    step_index: int = 0
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = labels
-        if self.mixup is not None:
-            images, targets = self.mixup(images, labels)
-        out = self.model(images)
-        heads = out if isinstance(out, tuple) else (out,)  # a distilled DeiT: class and distillation head
-        tasks = [self.criterion(head, targets) for head in heads]
-        extra = auxiliary_loss(self.accelerator.unwrap_model(self.model))  # e.g. SkipNet's compute penalty
-        if extra is not None:
-            tasks = [task + extra for task in tasks]
-        if self.teacher is None:
-            return sum(tasks) / len(heads)
-        d = self.config.distill
-        with torch.no_grad(), self.accelerator.autocast():
-            teacher_logits = self.teacher(images).float()
-        if d.kind == "deit":  # the class head learns the labels, the distillation head the teacher's argmax
-            return distillation_loss(
-                "deit",
-                tasks[0],
-                heads[0],
-                teacher_logits,
-                alpha=d.alpha,
-                temperature=d.temperature,
-                dist_logits=heads[1],
-            )
-        # hinton: every head learns from the labels and the teacher's soft targets
-        return sum(
-            distillation_loss("hinton", task, head, teacher_logits, alpha=d.alpha, temperature=d.temperature)
-            for head, task in zip(heads, tasks)
-        ) / len(heads)
-
-    def forward(self, batch: tuple[torch.Tensor, torch.Tensor], progress: float):
-        lr, self.head_only = lr_at(self.config, progress)
-        self.step_index = round(progress * self.steps_per_epoch)
-        set_training_progress(
-            self.accelerator.unwrap_model(self.model), progress
-        )  # e.g. DynamicConv's temperature
-        apply_lr(self.optimizer, lr)
-        device = self.accelerator.device
-        images, labels = (t.to(device, non_blocking=True) for t in batch)
-        self.optimizer.zero_grad(set_to_none=True)  # also drops the gradients of a skipped NaN step
-        passes = self.config.optim.accum_steps
-        losses = []
-        for i, (x, y) in enumerate(zip(images.chunk(passes), labels.chunk(passes))):
-            sync = i == passes - 1  # all-reduce the gradients once, after the last pass
-            with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
-                loss = self.loss(x, y)
-                self.accelerator.backward(loss / passes)
-            losses.append(loss.detach().float())
-        return torch.stack(losses).mean(), {"lr": lr, "head_only": self.head_only}
-
-    def update(self, loss: torch.Tensor) -> None:
-        net = self.accelerator.unwrap_model(self.model)
-        if self.head_only:
-            for name, p in net.named_parameters():
-                if not is_head(name):
-                    p.grad = None  # AdamW leaves a parameter without gradient untouched (no decay either)
-        if self.config.optim.clip_grad is not None:
-            self.accelerator.clip_grad_norm_(net.parameters(), self.config.optim.clip_grad)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(net, step=self.step_index)
+def finetune_step(
+    config: FinetuneConfig,
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    mixup: Mixup | None,
+    criterion: nn.Module,
+    teacher: Teacher | None = None,
+    ema: ModelEmaV3 | None = None,
+    steps_per_epoch: int = 1,
+) -> ClassifierStep:
+    """The core's classifier step configured by ``config``: its schedule (:func:`lr_at`), accumulation,
+    clipping and distillation."""
+    o, d = config.optim, config.distill
+    return ClassifierStep(
+        accelerator,
+        model,
+        optimizer,
+        functools.partial(lr_at, config),
+        criterion,
+        mixup,
+        teacher,
+        Distillation(d.kind, d.alpha, d.temperature),
+        ema,
+        o.accum_steps,
+        o.clip_grad,
+        steps_per_epoch,
+    )
 
 
 def _criterion(config: FinetuneConfig) -> nn.Module:
@@ -276,7 +222,6 @@ def _run(
             use_warmup=True,
             device=accelerator.device,
         )
-        accelerator.register_for_checkpointing(ema)
     if teacher is not None:
         teacher.to(accelerator.device)
     run = TrainingRun(
@@ -288,6 +233,7 @@ def _run(
         images_per_step=config.batch_size,
         bar_fields=BAR_FIELDS,
         advice=DIVERGENCE_ADVICE,
+        modules={"ema": ema},  # saved as ema.safetensors: never pickled
     )
     info = pipeline.info
     run.start(
@@ -298,7 +244,7 @@ def _run(
     state = FinetuneRun(config, accelerator, pipeline, start, model, ema, run)
     model.train()
     with run:
-        step = FinetuneStep(
+        step = finetune_step(
             config,
             accelerator,
             model,

@@ -22,7 +22,7 @@ from selfsup.distill import distillation_loss, hard_distillation, hinton_kd
 from selfsup.finetune import cli
 from selfsup.finetune.model import build_start
 from selfsup.finetune.settings import FinetuneConfig
-from selfsup.finetune.train import FinetuneStep, _criterion, _mixup, lr_at, param_groups, train
+from selfsup.finetune.train import _criterion, _mixup, finetune_step, lr_at, param_groups, train
 from selfsup.models import BackboneSpec, create_backbone
 from selfsup.runstate import complete_checkpoints
 
@@ -126,7 +126,7 @@ def _step(cfg, model, **kw):
     accelerator = make_accelerator("no")
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return FinetuneStep(cfg, accelerator, model, optimizer, _mixup(cfg, 4), _criterion(cfg), **kw)
+    return finetune_step(cfg, accelerator, model, optimizer, _mixup(cfg, 4), _criterion(cfg), **kw)
 
 
 def _layer_of(name: str, depth: int) -> int:
