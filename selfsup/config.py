@@ -34,71 +34,156 @@ def _unknown_key(key: str, valid: list[str], where: str) -> UsageError:
     return UsageError(f"unknown config key '{where}{key}'{hint}")
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check ``value`` against a type annotation, converting only where it loses nothing."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, key)
-            except UsageError as err:
-                errors.append(str(err))
-        raise (
-            errors[0]
-            if len(errors) == 1
-            else UsageError(f"config key '{key}' got {value!r}: " + "; ".join(errors))
-        )
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise UsageError(
-            f"config key '{key}' must be one of {', '.join(map(repr, args))}, got {value!r}{_yaml11_hint(value)}"
-        )
-    if origin in (list, tuple):
-        if isinstance(value, str):  # "a,b,c" in a YAML file
-            return _from_text(value, annotation, key)
-        if not isinstance(value, list | tuple):
-            raise UsageError(f"config key '{key}' expects a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise UsageError(f"config key '{key}' expects {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        out = [_coerce(v, item, key) for v in value]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UsageError(f"config key '{key}' expects a mapping, got {value!r}")
-        return dict(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise UsageError(f"config key '{key}' expects true or false, got {value!r}")
-    if annotation is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise UsageError(f"config key '{key}' expects a number, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UsageError(f"config key '{key}' expects an integer, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)  # e.g. a dataset called "101" parsed as a number by YAML
-        raise UsageError(f"config key '{key}' expects a string, got {value!r}{_yaml11_hint(value)}")
+# --- one type dispatcher for YAML values and command-line text ----------------------------------
+#
+# A value reaches a field either from the YAML file (already typed by YAML 1.1) or from the command
+# line (text). Both go through the same converter, chosen by the field's type, so a value means the
+# same wherever it is given. The one rule for text: a string is read by the field's type, because
+# YAML 1.1 (PyYAML) reads ``1e-3`` as a string and ``no``/``off`` as false; a ``str`` or Literal
+# field keeps what was typed, a bool field takes true/false/yes/no/on/off/1/0, a number field
+# parses a number, an optional field takes null/none/~ as None.
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+_NULL = {"null", "none", "~"}
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` (from YAML or the command line) as the field typed ``annotation`` takes it."""
     if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise UsageError(f"config key '{key}' expects a mapping of its fields, got {value!r}")
-        return _from_dict(annotation, value, prefix=f"{key}.")
-    return value
+        return _group(value, annotation, key)
+    convert = _BY_TYPE.get(annotation) or _BY_ORIGIN.get(typing.get_origin(annotation), _untyped)
+    return convert(value, annotation, key)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _bool(value: Any, annotation: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    if isinstance(value, int) and value in (0, 1):  # ``amp: 1`` as ``amp=1``
+        return bool(value)
+    raise UsageError(f"config key '{key}' expects true or false, got {value!r}")
+
+
+def _number(value: Any, annotation: Any, key: str) -> int | float:
+    kind = "an integer" if annotation is int else "a number"
+    if isinstance(value, str):
+        try:
+            return annotation(value.strip())
+        except ValueError:
+            raise UsageError(f"config key '{key}' expects {kind}, got {value!r}") from None
+    if _is_number(value) and (annotation is float or isinstance(value, int)):
+        return annotation(value)
+    raise UsageError(f"config key '{key}' expects {kind}, got {value!r}")
+
+
+def _str(value: Any, annotation: Any, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if _is_number(value):
+        return str(value)  # e.g. a dataset called "101" that YAML read as a number
+    raise UsageError(f"config key '{key}' expects a string, got {value!r}{_yaml11_hint(value)}")
+
+
+def _literal(value: Any, annotation: Any, key: str) -> Any:
+    options = typing.get_args(annotation)
+    for option in options:
+        if value == option if not isinstance(value, str) else _spells(value, option, key):
+            return option
+    raise UsageError(
+        f"config key '{key}' must be one of {', '.join(map(repr, options))}, got {value!r}{_yaml11_hint(value)}"
+    )
+
+
+def _spells(text: str, option: Any, key: str) -> bool:
+    """Whether ``text`` names ``option``: its spelling, or read by its type (``"16"`` for 16)."""
+    if isinstance(option, str):
+        return text == option
+    try:
+        return _convert(text, type(option), key) == option
+    except UsageError:
+        return False
+
+
+def _union(value: Any, annotation: Any, key: str) -> Any:
+    options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(options) < len(typing.get_args(annotation)) and _is_null(value):
+        return None
+    errors = []
+    for option in options:  # e.g. int | str: the first that takes the value
+        try:
+            return _convert(value, option, key)
+        except UsageError as err:
+            errors.append(err)
+    if len(errors) == 1:
+        raise errors[0]
+    raise UsageError(f"config key '{key}' got {value!r}: " + "; ".join(map(str, errors)))
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in _NULL)
+
+
+def _sequence(value: Any, annotation: Any, key: str) -> list | tuple:
+    if isinstance(value, str):
+        value = _items(value, key)
+    if not isinstance(value, list | tuple):
+        raise UsageError(f"config key '{key}' expects a list, got {value!r}")
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise UsageError(f"config key '{key}' expects {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_convert(v, a, key) for v, a in zip(value, args))
+    items = [_convert(v, args[0] if args else Any, key) for v in value]
+    return tuple(items) if origin is tuple else items
+
+
+def _items(text: str, key: str) -> list:
+    """``"[1, 2]"`` read as YAML, ``"1,2"`` split at the commas."""
+    text = text.strip()
+    if not text.startswith("["):
+        return [v.strip() for v in text.split(",") if v.strip()]
+    items = _scalar(text)
+    if not isinstance(items, list):
+        raise UsageError(f"config key '{key}' expects a list such as [1, 2] or 1,2, got {text!r}")
+    return items
+
+
+def _mapping(value: Any, annotation: Any, key: str) -> dict:
+    if isinstance(value, str):
+        value = _scalar(value)  # extra={depth: 4}
+    if not isinstance(value, dict):
+        raise UsageError(f"config key '{key}' expects a mapping, got {value!r}")
+    return dict(value)
+
+
+def _group(value: Any, annotation: Any, key: str) -> Any:
+    if not isinstance(value, dict):
+        raise UsageError(
+            f"config key '{key}' is a group of settings: set its fields ({key}.<field>=... on the command "
+            f"line, a mapping in YAML), got {value!r}"
+        )
+    return _from_dict(annotation, value, prefix=f"{key}.")
+
+
+def _untyped(value: Any, annotation: Any, key: str) -> Any:
+    """No declared type (``Any``): a string is read as a YAML scalar, anything else kept."""
+    return _scalar(value) if isinstance(value, str) else value
+
+
+_BY_TYPE: dict[Any, Any] = {bool: _bool, int: _number, float: _number, str: _str}
+_BY_ORIGIN: dict[Any, Any] = {
+    typing.Union: _union,
+    types.UnionType: _union,
+    typing.Literal: _literal,
+    list: _sequence,
+    tuple: _sequence,
+    dict: _mapping,
+}
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -107,7 +192,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key, value in data.items():
         if key not in hints:
             raise _unknown_key(key, list(hints), prefix)
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        kwargs[key] = _convert(value, hints[key], prefix + key)
     return cls(**kwargs)
 
 
@@ -137,10 +222,6 @@ def parse_override(text: str) -> tuple[list[str], str]:
     return key.split("."), raw
 
 
-_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
-_NULL = {"null", "none", "~"}
-
-
 def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
     """(X, True) for ``X | None``; (annotation, False) otherwise."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -148,66 +229,6 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
         if len(args) < len(typing.get_args(annotation)):
             return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), True  # noqa: UP007 (built at run time)
     return annotation, False
-
-
-def _from_text(raw: str, annotation: Any, key: str) -> Any:
-    """Command-line text typed by the field it sets: what the user typed is what the field gets.
-
-    YAML 1.1 would read ``no``/``off`` as false and ``1e-3`` as a string; here a string or Literal
-    field takes the raw text, a bool field accepts true/false/yes/no/on/off/1/0, a number field
-    parses a number, an optional field takes null/none/~ as None.
-    """
-    inner, optional = _unwrap_optional(annotation)
-    if optional and raw.strip().lower() in _NULL:
-        return None
-    origin, args = typing.get_origin(inner), typing.get_args(inner)
-    if inner is Any or origin is dict:
-        return _scalar(raw)
-    if origin in (typing.Union, types.UnionType):  # e.g. int | str: the first that parses
-        errors = []
-        for option in args:
-            try:
-                return _from_text(raw, option, key)
-            except UsageError as err:
-                errors.append(str(err))
-        raise UsageError(f"config key '{key}' got {raw!r}: " + "; ".join(errors))
-    if origin is typing.Literal:
-        for option in args:
-            if raw == str(option) or (
-                isinstance(option, bool) and raw.lower() in (_TRUE if option else _FALSE)
-            ):
-                return option
-        raise UsageError(f"config key '{key}' must be one of {', '.join(map(repr, args))}, got {raw!r}")
-    if origin in (list, tuple):
-        text = raw.strip()
-        if text.startswith("["):
-            items = _scalar(text)
-            if not isinstance(items, list):
-                raise UsageError(f"config key '{key}' expects a list such as [1, 2] or 1,2, got {raw!r}")
-            items = [str(v) if not isinstance(v, str) else v for v in items]
-        else:
-            items = [v.strip() for v in text.split(",") if v.strip()]
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(items):
-                raise UsageError(f"config key '{key}' expects {len(args)} values, got {len(items)} ({raw!r})")
-            return tuple(_from_text(v, a, key) for v, a in zip(items, args))
-        item = args[0] if args else Any
-        return [_from_text(v, item, key) for v in items]
-    if inner is bool:
-        if raw.strip().lower() in _TRUE | _FALSE:
-            return raw.strip().lower() in _TRUE
-        raise UsageError(f"config key '{key}' expects true or false, got {raw!r}")
-    if inner in (int, float):
-        try:
-            return inner(raw.strip())
-        except ValueError:
-            kind = "an integer" if inner is int else "a number"
-            raise UsageError(f"config key '{key}' expects {kind}, got {raw!r}") from None
-    if inner is str:
-        return raw
-    if dataclasses.is_dataclass(inner):
-        raise UsageError(f"config key '{key}' is a group of settings: set its fields, e.g. {key}.<field>=...")
-    return _scalar(raw)
 
 
 def typed_override(cls: type, path: list[str], raw: str) -> Any:
@@ -224,7 +245,7 @@ def typed_override(cls: type, path: list[str], raw: str) -> Any:
         if part not in hints:
             raise _unknown_key(part, list(hints), "".join(p + "." for p in path[:depth]))
         annotation = hints[part]
-    return _from_text(raw, annotation, ".".join(path))
+    return _convert(raw, annotation, ".".join(path))
 
 
 def _scalar(raw: str) -> Any:

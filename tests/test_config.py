@@ -103,3 +103,47 @@ def test_a_yaml_boolean_for_a_string_field_says_to_quote_it(tmp_path):
     path.write_text("precision: no\n")
     with pytest.raises(UsageError, match="quote the value"):
         load_config(Run, path)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "override"),
+    [
+        ("optim:\n  lr: 1e-3\n", "optim.lr=1e-3"),  # PyYAML reads 1e-3 (no dot) as a string
+        ("optim:\n  lr: 5\n", "optim.lr=5"),
+        ("optim:\n  betas: 0.8,0.99\n", "optim.betas=0.8,0.99"),
+        ("optim:\n  betas: [0.8, 0.99]\n", "optim.betas=[0.8, 0.99]"),
+        ("amp: 1\n", "amp=1"),
+        ("amp: yes\n", "amp=yes"),
+        ("note: none\n", "note=none"),
+        ("note: hello\n", "note=hello"),
+        ("limit: ~\n", "limit=~"),
+        ("limit: 5\n", "limit=5"),
+        ("precision: fp16\n", "precision=fp16"),
+        ("name: '007'\n", "name=007"),
+        ("extra:\n  depth: 4\n", "extra.depth=4"),
+    ],
+)
+def test_a_value_means_the_same_in_yaml_and_on_the_command_line(tmp_path, yaml_text, override):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    assert load_config(Run, path) == load_config(Run, None, [override])
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "override", "message"),
+    [
+        ("amp: 3\n", "amp=3", "config key 'amp' expects true or false"),
+        ("epochs: 2.5\n", "epochs=2.5", "config key 'epochs' expects an integer"),
+        ("optim:\n  lr: fast\n", "optim.lr=fast", "config key 'optim.lr' expects a number"),
+        ("precision: fp8\n", "precision=fp8", "config key 'precision' must be one of"),
+        ("optim:\n  betas: [0.9]\n", "optim.betas=0.9", "config key 'optim.betas' expects 2 values"),
+        ("optim: 3\n", "optim=3", "config key 'optim' is a group of settings"),
+    ],
+)
+def test_a_value_is_refused_alike_in_yaml_and_on_the_command_line(tmp_path, yaml_text, override, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(UsageError, match=message):
+        load_config(Run, path)
+    with pytest.raises(UsageError, match=message):
+        load_config(Run, None, [override])
