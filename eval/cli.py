@@ -5,31 +5,47 @@
     probe --model vit_small_patch16_224 --random-init --dataset cifar10 --img-size 224
 
 Trailing ``key=value`` overrides reach any config field (``linear_head.epochs=30``,
-``data.synthetic_size=64``); ``--config FILE`` reads a YAML file first.
+``data.synthetic_size=64``); ``--config FILE`` reads a YAML file first. A flag and a ``key=value``
+for the same key: the ``key=value`` wins, as in every stage's command (``selfsup.config.parse_command``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
-from selfsup.config import load_config
+from selfsup.config import load_config, parse_command
 from selfsup.errors import UsageError, exits_cleanly
 from selfsup.eval.probe import ProbeConfig, run_probe
 from selfsup.precision import add_precision_flag
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-
-
-def _words(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+# argparse destination -> the ProbeConfig key it sets (the config types the text, as for key=value).
+FLAGS = {
+    "mixed_precision": "mixed_precision",
+    "dataset": "dataset",
+    "data_root": "data.root",
+    "download": "data.download",
+    "val_fraction": "data.val_fraction",
+    "compare_random_init": "compare_random_init",
+    "methods": "methods",
+    "feature": "feature",
+    "ks": "ks",
+    "temperature": "temperature",
+    "knn_backend": "knn_backend",
+    "knn_index": "knn_index",
+    "linear_protocol": "linear_protocol",
+    "img_size": "img_size",
+    "patch_size": "patch_size",
+    "batch_size": "batch_size",
+    "num_workers": "num_workers",
+    "seed": "seed",
+    "cache_dir": "cache_dir",
+    "no_cache": "no_cache",
+    "out": "out",
+}
+# Repeatable flags collect a list, passed on as one JSON list (a YAML flow list that quotes any path).
+REPEATED = {"checkpoints": "checkpoints", "models": "models"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,13 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="a registered dataset name or imagefolder:<path> (default cifar100)")
     p.add_argument("--data-root")
     p.add_argument("--download", action="store_true", default=None)
-    p.add_argument(
-        "--val-fraction", type=float, help="validation share carved from imagefolder trees without val/"
-    )
-    p.add_argument("--method", dest="methods", type=_words, help="knn,linear (default both)")
+    p.add_argument("--val-fraction", help="validation share carved from imagefolder trees without val/")
+    p.add_argument("--method", dest="methods", help="knn,linear (default both)")
     p.add_argument("--feature", help="cls | patch_mean | cls_last4")
-    p.add_argument("--ks", type=_ints, help="kNN k values, e.g. 10,20,100,200")
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--ks", help="kNN k values, e.g. 10,20,100,200")
+    p.add_argument("--temperature")
     p.add_argument("--knn-backend", choices=["auto", "faiss-gpu", "faiss-cpu", "torch"])
     p.add_argument(
         "--knn-index",
@@ -78,49 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{sklearn,mocov3,mae}",
         help="sklearn (CLIP, default), mocov3 (main_lincls.py) or mae (main_linprobe.py); checked by the probe",
     )
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-workers", type=int)
+    p.add_argument("--img-size")
+    p.add_argument("--patch-size")
+    p.add_argument("--batch-size")
+    p.add_argument("--num-workers")
     add_precision_flag(p)  # the arithmetic of the frozen features
-    p.add_argument("--seed", type=int, help="seed of random-init baselines")
+    p.add_argument("--seed", help="seed of random-init baselines")
     p.add_argument(
         "--cache-dir", help="feature cache (default $SELFSUP_CACHE/features or ~/.cache/selfsup/features)"
     )
     p.add_argument("--no-cache", action="store_true", default=None)
     p.add_argument("--out", help="report folder (default runs/probe)")
     p.add_argument("--config", help="YAML file of ProbeConfig fields, read before the flags")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p
 
 
-def config_from_args(argv: list[str] | None) -> ProbeConfig:
-    args = build_parser().parse_intermixed_args(argv)  # key=value before and after the flags
+def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+    """(the --config file, the overrides in the order they apply): repeated flags, flags, then key=value."""
+    args, overrides = parse_command(build_parser(), argv, FLAGS)
     if args.models and not args.random_init:
         raise UsageError(
             "--model evaluates an architecture at random initialisation: add --random-init "
             "(trained weights come only from --checkpoint)"
         )
-    config = load_config(ProbeConfig, args.config, args.overrides)
-    flags = {
-        k: v
-        for k, v in vars(args).items()
-        if v is not None
-        and k not in ("config", "overrides", "random_init", "data_root", "download", "val_fraction")
-    }
-    config = dataclasses.replace(config, **flags)
-    if args.data_root is not None:
-        config.data.root = args.data_root
-    if args.download:
-        config.data.download = True
-    if args.val_fraction is not None:
-        config.data.val_fraction = args.val_fraction
-    return config
+    repeated = [
+        f"{key}={json.dumps(getattr(args, dest))}" for dest, key in REPEATED.items() if getattr(args, dest)
+    ]
+    return args.config, repeated + overrides
 
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    config = config_from_args(argv)
+    config_path, overrides = parse_args(argv)
+    config = load_config(ProbeConfig, config_path, overrides)
     metrics = run_probe(config)
     for m in metrics["models"]:
         knn = ", ".join(f"k={k} {v['top1']:.2f}" for k, v in m.get("knn", {}).items())
