@@ -18,6 +18,7 @@ the training set is clamped to it, and the rate scales with the clamped batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
@@ -233,48 +234,86 @@ def train_linear_head(
             "linear_head.augment=true needs the backbone and images: run it through `probe`, or pass "
             "augmented= (see selfsup.eval.augment)"
         )
-    device = torch.device(
-        "cuda"
-        if config.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if config.device == "auto" else config.device)
-    )
-    x = torch.as_tensor(np.asarray(train_x), dtype=torch.float32, device=device)
-    y = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
-    xt = torch.as_tensor(np.asarray(test_x), dtype=torch.float32, device=device)
-    check_finite(x)
-    check_finite(xt)
+    device = _device(config.device)
+    x, y = _tensor(train_x, torch.float32, device), _tensor(train_y, torch.long, device)
+    xt = _tensor(test_x, torch.float32, device)
     num_classes = num_classes or int(y.max()) + 1
-    batch = min(recipe.batch_size, len(x))  # clamped to the training set; the lr follows the batch used
+    batch = _batch_size(recipe, len(x))
+    lr = scaled_lr(recipe.base_lr, batch)
+    steps_per_epoch = len(x) // batch if recipe.drop_last else math.ceil(len(x) / batch)
+    torch.manual_seed(config.seed)
+    head = linear_head(x.shape[1], num_classes, recipe.batchnorm, recipe.init).to(device)
+    opt = make_optimizer(recipe, head, lr)
+    batches = augmented or _shuffled_batches(x, y, torch.Generator().manual_seed(config.seed))
+    # Tiny steps on cached features: intra-op threads cost more in waiting than they save.
+    few = threads_for(x.numel() * num_classes) if augmented is None and device.type == "cpu" else None
+    with _threads(few):
+        losses = _train(head, opt, recipe, lr, batches, batch, steps_per_epoch, device)
+    scores = _scores(head, xt)
+    top1, top5 = topk_accuracy(scores, np.asarray(test_y), np.arange(num_classes))
+    details = _details(recipe, lr, batch, steps_per_epoch, augmented is not None, losses)
+    return LinearProbeResult(top1, top5, scores.argmax(1), details)
+
+
+def _device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; any other name as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        check_finite(out)
+    return out
+
+
+def _batch_size(recipe: HeadProtocol, n_train: int) -> int:
+    """The protocol's batch clamped to the training set (the lr follows the batch used)."""
+    batch = min(recipe.batch_size, n_train)
     if recipe.batchnorm and batch < 2:
         raise UsageError(
             f"the {recipe.name} protocol's BatchNorm needs batches of at least 2 samples, got {batch} "
             "(more training samples or a larger linear_head.batch_size)"
         )
-    lr = scaled_lr(recipe.base_lr, batch)
-    steps_per_epoch = len(x) // batch if recipe.drop_last else math.ceil(len(x) / batch)
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    head = linear_head(x.shape[1], num_classes, recipe.batchnorm, recipe.init).to(device)
-    opt = make_optimizer(recipe, head, lr)
+    return batch
 
-    def cached(epoch: int, size: int, drop_last: bool):
-        order = torch.randperm(len(x), generator=generator).to(device)
+
+def _shuffled_batches(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AugmentedBatches:
+    """Each epoch's shuffled batches of the cached features, one draw of ``generator`` per epoch."""
+
+    def batches(epoch: int, size: int, drop_last: bool):
+        order = torch.randperm(len(x), generator=generator).to(x.device)
         end = len(x) - len(x) % size if drop_last else len(x)
         return ((x[order[i : i + size]], y[order[i : i + size]]) for i in range(0, end, size))
 
-    threads = torch.get_num_threads()
-    few = threads_for(x.numel() * num_classes)
-    if augmented is None and device.type == "cpu" and few:
-        torch.set_num_threads(few)  # tiny steps: intra-op threads cost more in waiting than they save
+    return batches
+
+
+@contextlib.contextmanager
+def _threads(count: int | None):
+    """torch's intra-op threads set to ``count`` inside (None: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
     try:
-        losses = _train(head, opt, recipe, lr, augmented or cached, batch, steps_per_epoch, device)
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def _scores(head: nn.Module, features: torch.Tensor) -> np.ndarray:
     head.eval()
-    with torch.no_grad():
-        scores = torch.cat([head(xt[i : i + 4096]) for i in range(0, len(xt), 4096)]).cpu().numpy()
-    top1, top5 = topk_accuracy(scores, np.asarray(test_y), np.arange(num_classes))
-    details = {
+    return torch.cat([head(features[i : i + 4096]) for i in range(0, len(features), 4096)]).cpu().numpy()
+
+
+def _details(
+    recipe: HeadProtocol, lr: float, batch: int, steps_per_epoch: int, augment: bool, losses: list[float]
+) -> dict:
+    """What the report states about the run: the recipe as used, and its last epoch's loss."""
+    return {
         "protocol": recipe.name,
         "source": recipe.source,
         "optimizer": recipe.optimizer.upper(),
@@ -287,11 +326,10 @@ def train_linear_head(
         "schedule": recipe.schedule,
         "momentum": recipe.momentum,
         "weight_decay": recipe.weight_decay,
-        "augment": augmented is not None,
+        "augment": augment,
         "steps": recipe.epochs * steps_per_epoch,
         "final_train_loss": losses[-1] if losses else None,
     }
-    return LinearProbeResult(top1, top5, scores.argmax(1), details)
 
 
 def _train(

@@ -220,11 +220,23 @@ def _data_identity(options: DataOptions) -> dict[str, Any]:
 
 
 def _evaluate(config: ProbeConfig, source: Source, feats, info: DatasetInfo) -> ModelRun:
+    """One model's protocols over its features: what it is, then kNN and the linear probe as asked."""
     train_x, train_y, train_s = feats["train"]
     test_x, test_y, test_s = feats["val"]
     if len(train_x) == 0 or len(test_x) == 0:
         raise UsageError(f"{config.dataset}: the train or val split is empty; nothing to evaluate")
-    metrics: dict[str, Any] = {
+    metrics = _model_metrics(source, train_x, test_x, train_s + test_s)
+    run = ModelRun(source, test_x, test_y, metrics)
+    n_classes = max(info.num_classes, int(train_y.max()) + 1, int(test_y.max()) + 1)
+    if "knn" in config.methods:
+        _knn(config, run, train_x, train_y, n_classes)
+    if "linear" in config.methods:
+        _linear(config, run, train_x, train_y, n_classes, info)
+    return run
+
+
+def _model_metrics(source: Source, train_x: np.ndarray, test_x: np.ndarray, seconds: float) -> dict[str, Any]:
+    return {
         "name": source.name,
         "kind": source.kind,
         "path": source.path,
@@ -234,55 +246,53 @@ def _evaluate(config: ProbeConfig, source: Source, feats, info: DatasetInfo) -> 
         "feature_dim": int(train_x.shape[1]),
         "n_train": len(train_x),
         "n_test": len(test_x),
-        "extract_seconds": round(train_s + test_s, 2),
+        "extract_seconds": round(seconds, 2),
     }
-    run = ModelRun(source, test_x, test_y, metrics)
-    n_classes = max(info.num_classes, int(train_y.max()) + 1, int(test_y.max()) + 1)
-    if "knn" in config.methods:
-        start = time.perf_counter()
-        results = knn_classify(
-            torch.from_numpy(train_x),
-            torch.from_numpy(train_y),
-            torch.from_numpy(test_x),
-            torch.from_numpy(test_y),
-            config.ks,
-            config.temperature,
-            n_classes,
-            config.knn_backend,
-            config.knn_index,
+
+
+def _knn(config: ProbeConfig, run: ModelRun, train_x, train_y, n_classes: int) -> None:
+    """DINO's weighted kNN for every k; the best k's predictions feed the report's figures."""
+    start = time.perf_counter()
+    results = knn_classify(
+        torch.from_numpy(train_x),
+        torch.from_numpy(train_y),
+        torch.from_numpy(run.test_features),
+        torch.from_numpy(run.test_labels),
+        config.ks,
+        config.temperature,
+        n_classes,
+        config.knn_backend,
+        config.knn_index,
+    )
+    run.metrics["knn"] = {
+        str(k): {"k": k, "k_used": r.k, "top1": r.top1, "top5": r.top5} for k, r in results.items()
+    }
+    run.metrics["knn_seconds"] = round(time.perf_counter() - start, 2)
+    run.metrics["knn_index"] = next(iter(results.values())).index  # "flat" (exact) or the approximate index
+    best = max(results, key=lambda k: results[k].top1)
+    run.predictions[f"knn (k={best})"] = results[best].predictions.numpy()
+
+
+def _linear(config: ProbeConfig, run: ModelRun, train_x, train_y, n_classes: int, info: DatasetInfo) -> None:
+    """The linear probe of ``config.linear_protocol``: CLIP's logistic regression or a trained head."""
+    start = time.perf_counter()
+    test_x, test_y = run.test_features, run.test_labels
+    if config.linear_protocol == "sklearn":
+        result = logreg_probe(train_x, train_y, test_x, test_y, config.logreg)
+    else:
+        augment = config.linear_head.augment
+        augmented = probe_augmented_batches(config, run.source, info) if augment else None
+        result = train_linear_head(
+            train_x, train_y, test_x, test_y, config.linear_head, n_classes, config.linear_protocol, augmented
         )
-        metrics["knn"] = {
-            str(k): {"k": k, "k_used": r.k, "top1": r.top1, "top5": r.top5} for k, r in results.items()
-        }
-        metrics["knn_seconds"] = round(time.perf_counter() - start, 2)
-        metrics["knn_index"] = next(iter(results.values())).index  # "flat" (exact) or the approximate index
-        best = max(results, key=lambda k: results[k].top1)
-        run.predictions[f"knn (k={best})"] = results[best].predictions.numpy()
-    if "linear" in config.methods:
-        start = time.perf_counter()
-        if config.linear_protocol == "sklearn":
-            result = logreg_probe(train_x, train_y, test_x, test_y, config.logreg)
-        else:
-            augmented = probe_augmented_batches(config, source, info) if config.linear_head.augment else None
-            result = train_linear_head(
-                train_x,
-                train_y,
-                test_x,
-                test_y,
-                config.linear_head,
-                n_classes,
-                config.linear_protocol,
-                augmented,
-            )
-        metrics["linear"] = {
-            "protocol": config.linear_protocol,
-            "top1": result.top1,
-            "top5": result.top5,
-            **{k: v for k, v in result.details.items() if k != "protocol"},
-        }
-        metrics["linear_seconds"] = round(time.perf_counter() - start, 2)
-        run.predictions[f"linear ({config.linear_protocol})"] = np.asarray(result.predictions)
-    return run
+    run.metrics["linear"] = {
+        "protocol": config.linear_protocol,
+        "top1": result.top1,
+        "top5": result.top5,
+        **{k: v for k, v in result.details.items() if k != "protocol"},
+    }
+    run.metrics["linear_seconds"] = round(time.perf_counter() - start, 2)
+    run.predictions[f"linear ({config.linear_protocol})"] = np.asarray(result.predictions)
 
 
 def run_probe(config: ProbeConfig, accelerator=None) -> dict[str, Any]:

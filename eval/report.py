@@ -97,88 +97,100 @@ def _summary(metrics: dict[str, Any], ks: list[int]) -> Block:
 
 
 def _blocks(out: Path, config, metrics: dict[str, Any], runs, info) -> list[Block]:
-    fig = out / "figures"
-    blocks = [
-        Block(
-            "p",
-            f"Dataset **{metrics['dataset']}** ({len(info.classes)} classes), feature **{metrics['feature']}**, "
-            f"methods {', '.join(metrics['methods'])}. Accuracies in percent on the `val` split "
-            f"({runs[0].metrics['n_test']} images; train: {runs[0].metrics['n_train']}).",
-        ),
-        Block("h2", "Summary"),
-        _summary(metrics, list(config.ks)),
-    ]
+    """The report in reading order: what was measured, the summary, each protocol, per class, figures, the run."""
+    blocks = [_intro(metrics, runs, info), Block("h2", "Summary"), _summary(metrics, list(config.ks))]
     if "knn" in config.methods:
-        blocks += [
-            Block("h2", "kNN accuracy against k"),
-            Block(
-                "p", f"Weighted kNN (DINO protocol): cosine similarity, votes exp(sim/{config.temperature})."
-            ),
-            Block(
-                "img",
-                str(
-                    plots.plot_accuracy_vs_k(
-                        {
-                            r.source.name: {int(k): v["top1"] for k, v in r.metrics["knn"].items()}
-                            for r in runs
-                        },
-                        fig / "knn_vs_k.png",
-                    ).relative_to(out)
-                ),
-            ),
-        ]
+        blocks += _knn_section(out, config, runs)
     if "linear" in config.methods:
-        lin_rows = [[r.source.name, _details(r.metrics["linear"])] for r in runs]
-        blocks += [
-            Block("h2", "Linear probe"),
-            Block("p", protocol_summary(runs[0].metrics["linear"])),
-            Block("table", headers=["model", "protocol details"], rows=lin_rows),
-        ]
-    n_classes = len(info.classes)
+        blocks += _linear_section(runs)
+    per_class, figures = _per_model(out, config, runs, info)
+    blocks += [Block("h2", "Per-class top-1"), per_class, Block("h2", "Figures"), *figures]
+    return blocks + _run_section(metrics, runs)
+
+
+def _intro(metrics: dict[str, Any], runs, info) -> Block:
+    return Block(
+        "p",
+        f"Dataset **{metrics['dataset']}** ({len(info.classes)} classes), feature **{metrics['feature']}**, "
+        f"methods {', '.join(metrics['methods'])}. Accuracies in percent on the `val` split "
+        f"({runs[0].metrics['n_test']} images; train: {runs[0].metrics['n_train']}).",
+    )
+
+
+def _knn_section(out: Path, config, runs) -> list[Block]:
+    curves = {r.source.name: {int(k): v["top1"] for k, v in r.metrics["knn"].items()} for r in runs}
+    figure = plots.plot_accuracy_vs_k(curves, out / "figures" / "knn_vs_k.png")
+    return [
+        Block("h2", "kNN accuracy against k"),
+        Block("p", f"Weighted kNN (DINO protocol): cosine similarity, votes exp(sim/{config.temperature})."),
+        Block("img", str(figure.relative_to(out))),
+    ]
+
+
+def _linear_section(runs) -> list[Block]:
+    lin_rows = [[r.source.name, _details(r.metrics["linear"])] for r in runs]
+    return [
+        Block("h2", "Linear probe"),
+        Block("p", protocol_summary(runs[0].metrics["linear"])),
+        Block("table", headers=["model", "protocol details"], rows=lin_rows),
+    ]
+
+
+def _per_model(out: Path, config, runs, info) -> tuple[Block, list[Block]]:
+    """The per-class table (a column per model) and each model's figures, from its last method's predictions."""
     names = list(info.classes)
     per_class_rows: dict[str, list[str]] = {c: [] for c in names}
     headers = ["class"]
     figures: list[Block] = []
     for run in runs:
         method, preds = next(reversed(run.predictions.items()))  # linear when run, else the best kNN
-        acc = per_class_accuracy(run.test_labels, preds, n_classes)
-        run.metrics["per_class"] = {
-            "method": method,
-            "top1": {c: (None if np.isnan(a) else round(float(a), 2)) for c, a in zip(names, acc)},
-        }
+        acc = _record_per_class(run, method, preds, names)
         headers.append(f"{run.source.name}: {method}")
         for c, a in zip(names, acc):
             per_class_rows[c].append(pct(float(a)))
-        name = slug(run.source.name)
-        if n_classes <= plots.MAX_CONFUSION_CLASSES:
-            path = plots.plot_confusion(
-                confusion(run.test_labels, preds, n_classes),
-                names,
-                f"{run.source.name}: {method}",
-                fig / f"confusion_{name}.png",
-            )
-            figures += [
-                Block("p", f"Confusion matrix, {run.source.name} ({method}):"),
-                Block("img", str(path.relative_to(out))),
-            ]
-        path, how = plots.plot_embedding(
-            run.test_features,
-            run.test_labels,
+        figures += _model_figures(out, run, method, preds, names, config.seed)
+    table = Block("table", headers=headers, rows=[[c, *v] for c, v in per_class_rows.items()])
+    return table, figures
+
+
+def _record_per_class(run, method: str, preds: np.ndarray, names: list[str]) -> np.ndarray:
+    """Per-class top-1 of ``preds``, also kept in the model's metrics (metrics.json)."""
+    acc = per_class_accuracy(run.test_labels, preds, len(names))
+    run.metrics["per_class"] = {
+        "method": method,
+        "top1": {c: (None if np.isnan(a) else round(float(a), 2)) for c, a in zip(names, acc)},
+    }
+    return acc
+
+
+def _model_figures(
+    out: Path, run, method: str, preds: np.ndarray, names: list[str], seed: int
+) -> list[Block]:
+    """A confusion matrix (up to plots.MAX_CONFUSION_CLASSES classes) and an embedding of the test features."""
+    fig, name, blocks = out / "figures", slug(run.source.name), []
+    if len(names) <= plots.MAX_CONFUSION_CLASSES:
+        path = plots.plot_confusion(
+            confusion(run.test_labels, preds, len(names)),
             names,
-            run.source.name,
-            fig / f"embedding_{name}.png",
-            seed=config.seed,
+            f"{run.source.name}: {method}",
+            fig / f"confusion_{name}.png",
         )
-        run.metrics["embedding"] = how
-        figures += [
-            Block("p", f"{how} of the test features, {run.source.name}:"),
+        blocks += [
+            Block("p", f"Confusion matrix, {run.source.name} ({method}):"),
             Block("img", str(path.relative_to(out))),
         ]
-    blocks += [
-        Block("h2", "Per-class top-1"),
-        Block("table", headers=headers, rows=[[c, *v] for c, v in per_class_rows.items()]),
+    path, how = plots.plot_embedding(
+        run.test_features, run.test_labels, names, run.source.name, fig / f"embedding_{name}.png", seed=seed
+    )
+    run.metrics["embedding"] = how
+    return [
+        *blocks,
+        Block("p", f"{how} of the test features, {run.source.name}:"),
+        Block("img", str(path.relative_to(out))),
     ]
-    blocks += [Block("h2", "Figures"), *figures]
+
+
+def _run_section(metrics: dict[str, Any], runs) -> list[Block]:
     model_rows = [
         [
             r.source.name,
@@ -191,7 +203,7 @@ def _blocks(out: Path, config, metrics: dict[str, Any], runs, info) -> list[Bloc
         ]
         for r in runs
     ]
-    blocks += [
+    return [
         Block("h2", "Run"),
         Block(
             "table",
@@ -209,7 +221,6 @@ def _blocks(out: Path, config, metrics: dict[str, Any], runs, info) -> list[Bloc
             f"Machine: {metrics.get('machine', 'not recorded')}; torch threads {metrics.get('torch_threads', '?')}.",
         ),
     ]
-    return blocks
 
 
 def write_report(out: Path, config, metrics: dict[str, Any], runs, info) -> dict[str, Path]:
