@@ -94,9 +94,18 @@ def stratified_split(
     _, val = train_test_split(indices, test_size=n_val, stratify=targets[indices], random_state=seed)
     in_val = np.zeros(len(targets), dtype=bool)
     in_val[val] = True
-    # scikit-learn shares val out in proportion to class sizes, so with very uneven classes a small one
-    # can still end up wholly on one side: move one of its images across.
-    val_counts = np.bincount(inverse[in_val], minlength=len(labels))
+    _balance_lopsided(in_val, inverse, counts, seed)
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val)  # single-image classes are all in train
+
+
+def _balance_lopsided(in_val: np.ndarray, inverse: np.ndarray, counts: np.ndarray, seed: int) -> None:
+    """Give every class of 2+ images one image on each side of ``in_val`` (a mask, changed in place).
+
+    scikit-learn shares val out in proportion to class sizes, so with very uneven classes a small one
+    can still end up wholly on one side: move one of its images (drawn with ``seed``) across.
+    ``inverse`` and ``counts`` are each image's class index and each class's size (``np.unique``).
+    """
+    val_counts = np.bincount(inverse[in_val], minlength=len(counts))
     lopsided = np.flatnonzero((counts >= 2) & ((val_counts == 0) | (val_counts == counts)))
     if len(lopsided):
         order = np.argsort(inverse, kind="stable")
@@ -104,7 +113,6 @@ def stratified_split(
         rng = np.random.default_rng(seed)
         for c in lopsided:
             in_val[rng.choice(order[starts[c] : starts[c + 1]])] ^= True
-    return np.flatnonzero(~in_val), np.flatnonzero(in_val)  # single-image classes are all in train
 
 
 def synthetic_arrays(

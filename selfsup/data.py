@@ -248,36 +248,80 @@ _torchvision(
 def _imagefolder(
     path: str, split: Split, transform, opts: DataOptions, name: str | None = None, stats=IMAGENET_STATS
 ):
-    root = Path(path).expanduser()
-    name = name or f"imagefolder:{path}"
-    layout = (
+    tree = _folder_tree(Path(path).expanduser(), name or f"imagefolder:{path}")
+    folder = tree.root / "val" if split == "val" and tree.has_val else tree.train_dir
+    classes = _folder_classes(tree, folder, opts.need_labels)
+    dataset = _open_folder(tree, folder, classes, transform, opts)
+    paths = [p for p, _ in dataset.samples]
+    info = DatasetInfo(tree.name, tuple(classes), *stats, native_image_size(paths))
+    if tree.has_val or (split == "train" and not opts.hold_out):
+        return dataset, info
+    train_idx, val_idx = stratified_split(
+        np.asarray(dataset.targets), opts.val_fraction, opts.seed, class_names=classes, name=tree.name
+    )
+    subset = Subset(dataset, (train_idx if split == "train" else val_idx).tolist())
+    return subset, info
+
+
+@dataclass(frozen=True)
+class _FolderTree:
+    """An ImageFolder tree: ``root/train/<class>/`` (optionally with ``root/val/<class>/``) or ``root/<class>/``."""
+
+    name: str
+    root: Path
+    train_dir: Path
+    has_val: bool
+    layout: str  # named in every message, so the user sees the expected tree
+
+
+def _layout(root: Path) -> str:
+    return (
         f"{root}/train/<class>/<image> (and optionally {root}/val/<class>/<image>), or {root}/<class>/<image>"
     )
+
+
+def _folder_tree(root: Path, name: str) -> _FolderTree:
+    """Where the training (and validation) class folders of ``root`` are."""
     if not root.is_dir():
-        raise UsageError(f"{name}: folder {root} does not exist; expected the ImageFolder layout {layout}")
+        raise UsageError(
+            f"{name}: folder {root} does not exist; expected the ImageFolder layout {_layout(root)}"
+        )
     train_dir = root / "train" if (root / "train").is_dir() else root
     has_val = (root / "val").is_dir()
     if has_val and train_dir == root:  # val/ would be both the validation split and a training class
-        raise UsageError(f"{name}: {root} has val/ but no train/; expected the ImageFolder layout {layout}")
-    folder = root / "val" if split == "val" and has_val else train_dir
-    try:  # the train folder's classes label every split, so a val/ lacking a class shifts no label
-        classes, _ = find_classes(train_dir)
+        raise UsageError(
+            f"{name}: {root} has val/ but no train/; expected the ImageFolder layout {_layout(root)}"
+        )
+    return _FolderTree(name, root, train_dir, has_val, _layout(root))
+
+
+def _folder_classes(tree: _FolderTree, folder: Path, need_labels: bool) -> list[str]:
+    """The training folder's classes, which label every split (so a val/ lacking a class shifts no label)."""
+    try:
+        classes, _ = find_classes(tree.train_dir)
     except FileNotFoundError:
         raise UsageError(
-            f"{name}: no class folders in {train_dir}; expected the ImageFolder layout {layout}"
+            f"{tree.name}: no class folders in {tree.train_dir}; expected the ImageFolder layout {tree.layout}"
         ) from None
-    if folder != train_dir:
+    if folder != tree.train_dir:
         unknown = sorted(set(_subfolders(folder)) - set(classes))
         if unknown:
             raise UsageError(
-                f"{name}: {folder} has class folders that {train_dir} lacks ({listing(unknown)}); their images "
-                f"would have no label: rename them to training classes or remove them"
+                f"{tree.name}: {folder} has class folders that {tree.train_dir} lacks ({listing(unknown)}); their "
+                f"images would have no label: rename them to training classes or remove them"
             )
-    if opts.need_labels and len(classes) < 2:
+    if need_labels and len(classes) < 2:
         raise UsageError(
-            f"{name}: {train_dir} has a single class folder ({classes[0]}); classification (probe, the kNN "
-            f"monitor) needs 2 or more class folders ({layout}); pretraining alone does not use labels"
+            f"{tree.name}: {tree.train_dir} has a single class folder ({classes[0]}); classification (probe, the "
+            f"kNN monitor) needs 2 or more class folders ({tree.layout}); pretraining alone does not use labels"
         )
+    return classes
+
+
+def _open_folder(
+    tree: _FolderTree, folder: Path, classes: list[str], transform, opts: DataOptions
+) -> SafeImageFolder:
+    """The images of ``folder``, refusing a folder with none (or, for labels, with one class of images)."""
     dataset = SafeImageFolder(
         folder,
         transform,
@@ -288,33 +332,25 @@ def _imagefolder(
     )
     if dataset.ignored:
         warn_once(
-            f"{name}: ignored {len(dataset.ignored)} file(s) in {folder} that are not images PIL can open or lie "
-            f"outside a class folder ({extension_counts(dataset.ignored)}): {listing(dataset.ignored)}"
+            f"{tree.name}: ignored {len(dataset.ignored)} file(s) in {folder} that are not images PIL can open or "
+            f"lie outside a class folder ({extension_counts(dataset.ignored)}): {listing(dataset.ignored)}"
         )
     if not dataset.samples:
         raise UsageError(
-            f"{name}: no images found in {folder} (image files are those PIL opens: .jpg, .png, .gif, .webp, "
-            f".tif, ...); expected the ImageFolder layout {layout}"
+            f"{tree.name}: no images found in {folder} (image files are those PIL opens: .jpg, .png, .gif, .webp, "
+            f".tif, ...); expected the ImageFolder layout {tree.layout}"
         )
     if dataset.empty_classes:
         warn_once(
-            f"{name}: {len(dataset.empty_classes)} class folder(s) in {folder} hold no images and are skipped "
+            f"{tree.name}: {len(dataset.empty_classes)} class folder(s) in {folder} hold no images and are skipped "
             f"(kept in the class list, so labels do not shift): {listing(dataset.empty_classes)}"
         )
-    if opts.need_labels and folder == train_dir and len(classes) - len(dataset.empty_classes) < 2:
+    if opts.need_labels and folder == tree.train_dir and len(classes) - len(dataset.empty_classes) < 2:
         raise UsageError(
-            f"{name}: only one class folder of {train_dir} holds images; classification (probe, the kNN monitor) "
-            f"needs images in 2 or more class folders ({layout})"
+            f"{tree.name}: only one class folder of {tree.train_dir} holds images; classification (probe, the kNN "
+            f"monitor) needs images in 2 or more class folders ({tree.layout})"
         )
-    paths = [p for p, _ in dataset.samples]
-    info = DatasetInfo(name, tuple(classes), *stats, native_image_size(paths))
-    if has_val or (split == "train" and not opts.hold_out):
-        return dataset, info
-    train_idx, val_idx = stratified_split(
-        np.asarray(dataset.targets), opts.val_fraction, opts.seed, class_names=classes, name=name
-    )
-    subset = Subset(dataset, (train_idx if split == "train" else val_idx).tolist())
-    return subset, info
+    return dataset
 
 
 def _subfolders(folder: Path) -> list[str]:
