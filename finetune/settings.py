@@ -93,6 +93,12 @@ class FinetuneConfig(RunKeys):
 
     def __post_init__(self) -> None:
         check_run_settings(self, {"eval_every": 1, "lp_epochs": 0})
+        self._check_run()
+        _check_augment(self.augment)
+        _check_optim(self.optim, self.epochs - self.lp_epochs)
+        _check_distill(self.distill)
+
+    def _check_run(self) -> None:
         if not 0 < self.label_fraction <= 1:
             raise UsageError(
                 f"label_fraction must lie in (0, 1], got {self.label_fraction}; e.g. 0.1 for 10% of the labels"
@@ -101,36 +107,13 @@ class FinetuneConfig(RunKeys):
             raise UsageError(f"seed must be 0 or more, got {self.seed}")
         if not 0 <= self.drop_path < 1:
             raise UsageError(f"drop_path must lie in [0, 1), got {self.drop_path}")
-        if not 0 <= self.augment.label_smoothing < 1:
-            raise UsageError(
-                f"augment.label_smoothing must lie in [0, 1), got {self.augment.label_smoothing}"
-            )
-        if self.optim.clip_grad is not None and self.optim.clip_grad <= 0:
-            raise UsageError(
-                f"optim.clip_grad must be positive (a max gradient norm) or null, got {self.optim.clip_grad}"
-            )
-        if not 0 <= self.optim.warmup_epochs < self.epochs - self.lp_epochs:
-            raise UsageError(
-                f"optim.warmup_epochs={self.optim.warmup_epochs} must be at least 0 and shorter than the "
-                f"{self.epochs - self.lp_epochs} fine-tuning epochs (epochs - lp_epochs)"
-            )
-        if self.augment.rand_augment:
-            _check_rand_augment(self.augment.rand_augment)
-        if self.optim.accum_steps < 1:
-            raise UsageError(f"optim.accum_steps must be at least 1, got {self.optim.accum_steps}")
         if self.lp_epochs >= self.epochs:
             raise UsageError(
                 f"lp_epochs={self.lp_epochs} leaves no fine-tuning epoch of epochs={self.epochs}: "
                 "lower lp_epochs or raise epochs"
             )
-        if self.optim.base_lr <= 0:
-            raise UsageError(f"optim.base_lr must be positive, got {self.optim.base_lr}")
-        if self.optim.layer_decay is not None and not 0 < self.optim.layer_decay <= 1:
-            raise UsageError(f"optim.layer_decay must lie in (0, 1], got {self.optim.layer_decay}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise UsageError(f"ema_decay must lie in (0, 1) (e.g. 0.9999), got {self.ema_decay}")
-        if not 0 <= self.distill.alpha <= 1 or self.distill.temperature <= 0:
-            raise UsageError("distill.alpha must lie in [0, 1] and distill.temperature be positive")
 
     def check_start(self) -> None:
         """Exactly one starting point (checked when the run starts: the defaults have none)."""
@@ -147,6 +130,37 @@ class FinetuneConfig(RunKeys):
     @property
     def mixes(self) -> bool:
         return self.augment.mixup > 0 or self.augment.cutmix > 0
+
+
+def _check_augment(augment: AugmentSettings) -> None:
+    if not 0 <= augment.label_smoothing < 1:
+        raise UsageError(f"augment.label_smoothing must lie in [0, 1), got {augment.label_smoothing}")
+    if augment.rand_augment:
+        _check_rand_augment(augment.rand_augment)
+
+
+def _check_optim(optim: OptimSettings, finetune_epochs: int) -> None:
+    """``finetune_epochs``: those after linear probing (epochs - lp_epochs), which the warm-up is part of."""
+    if optim.base_lr <= 0:
+        raise UsageError(f"optim.base_lr must be positive, got {optim.base_lr}")
+    if optim.clip_grad is not None and optim.clip_grad <= 0:
+        raise UsageError(
+            f"optim.clip_grad must be positive (a max gradient norm) or null, got {optim.clip_grad}"
+        )
+    if not 0 <= optim.warmup_epochs < finetune_epochs:
+        raise UsageError(
+            f"optim.warmup_epochs={optim.warmup_epochs} must be at least 0 and shorter than the "
+            f"{finetune_epochs} fine-tuning epochs (epochs - lp_epochs)"
+        )
+    if optim.accum_steps < 1:
+        raise UsageError(f"optim.accum_steps must be at least 1, got {optim.accum_steps}")
+    if optim.layer_decay is not None and not 0 < optim.layer_decay <= 1:
+        raise UsageError(f"optim.layer_decay must lie in (0, 1], got {optim.layer_decay}")
+
+
+def _check_distill(distill: DistillSettings) -> None:
+    if not 0 <= distill.alpha <= 1 or distill.temperature <= 0:
+        raise UsageError("distill.alpha must lie in [0, 1] and distill.temperature be positive")
 
 
 def _check_rand_augment(spec: str) -> None:

@@ -67,6 +67,11 @@ class TTAConfig:
     out: str = "runs/tta"
 
     def __post_init__(self) -> None:
+        self._check_benchmark()
+        self._check_adaptation()
+
+    def _check_benchmark(self) -> None:
+        """What is measured: the severity, methods, protocol and images."""
         if self.severity not in (1, 2, 3, 4, 5):
             raise UsageError(f"severity must be 1, 2, 3, 4 or 5, got {self.severity}")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -76,12 +81,15 @@ class TTAConfig:
             )
         if self.protocol not in PROTOCOLS:
             raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol}")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"limit must be at least 1 or null (all images), got {self.limit}")
+
+    def _check_adaptation(self) -> None:
+        """How the methods adapt: batch, learning rate, arithmetic, MEMO's views."""
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.lr is not None and self.lr <= 0:
             raise UsageError(f"lr must be positive or null (the ViT default), got {self.lr}")
-        if self.limit is not None and self.limit < 1:
-            raise UsageError(f"limit must be at least 1 or null (all images), got {self.limit}")
         if self.mixed_precision == "fp16":
             raise UsageError(
                 "tta does not adapt in fp16 (entropy gradients underflow and its steps take no loss "
