@@ -23,6 +23,7 @@ from typing import Any, Literal
 import timm
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models.vision_transformer import init_weights_vit_moco
 from torch import nn
 
 import selfsup.architectures  # noqa: F401  (registers BoTNet, T2T-ViT, DynamicConv, SkipNet with timm)
@@ -155,18 +156,23 @@ def freeze_patch_embed(model: nn.Module) -> None:
 
 
 def moco_v3_init(model: nn.Module) -> None:
-    """The official ``vits.py`` initialisation: Q, K and V each Xavier-uniform (not the fused
-    qkv matrix as one), other Linears Xavier-uniform, zero biases, CLS token N(0, 1e-6).
-    The patch projection is a convolution and keeps its own init (see :func:`freeze_patch_embed`)."""
+    """The official ``vits.py`` initialisation: Q, K and V each Xavier-uniform (not the fused qkv
+    matrix as one), other Linears Xavier-uniform, zero biases, then the CLS token N(0, 1e-6).
+
+    The rule per Linear is timm's (``init_weights_vit_moco``, used here); what differs from timm's
+    ``weight_init="moco"`` is only where the random draws fall, so one seed gives other values from
+    the same distributions: timm draws at construction, instead of its default init, the position
+    embedding and CLS token before the Linears; here (as ``vits.py``, which re-initialises a
+    constructed timm ViT) the draws follow timm's default init, Linears first, CLS token last. Kept
+    for that reason: checkpoints' random-init baselines rebuild the values their runs started from.
+
+    One difference from ``vits.py``: its Xavier-uniform patch projection is drawn here only with
+    ``frozen_patch_embed`` (:func:`freeze_patch_embed`, after this function, as in ``vits.py``);
+    otherwise the projection keeps timm's construction-time convolution init.
+    """
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            if name.endswith("qkv"):
-                bound = math.sqrt(6.0 / float(module.weight.shape[0] // 3 + module.weight.shape[1]))
-                nn.init.uniform_(module.weight, -bound, bound)
-            else:
-                nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            init_weights_vit_moco(module, name, needs_reset=False)
     if getattr(model, "cls_token", None) is not None:
         nn.init.normal_(model.cls_token, std=1e-6)
 
