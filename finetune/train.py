@@ -203,6 +203,32 @@ def _run(
     start: Start,
     teacher: Teacher | None,
 ) -> FinetuneResult:
+    model, optimizer, ema = _prepare(config, accelerator, pipeline, start)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    run = _training_run(config, accelerator, pipeline, ema)
+    state = FinetuneRun(config, accelerator, pipeline, start, model, ema, run)
+    model.train()
+    with run:
+        step = finetune_step(
+            config,
+            accelerator,
+            model,
+            optimizer,
+            _mixup(config, pipeline.info.num_classes),
+            _criterion(config),
+            teacher,
+            ema,
+            pipeline.steps_per_epoch,
+        )
+        state.result.status = run.steps(step, pipeline.batches, state.at_epoch)
+        if state.result.status == "finished":
+            state.finish()
+    return state.summary()
+
+
+def _prepare(config: FinetuneConfig, accelerator: Accelerator, pipeline: Pipeline, start: Start):
+    """(prepared model, optimizer, EMA or None); the validation loader is prepared in place."""
     model = start.model
     if uses_distillation_token(model):
         model.set_distilled_training(True)  # training returns both heads; evaluation their mean
@@ -212,18 +238,20 @@ def _run(
     model, optimizer, pipeline.val = accelerator.prepare(model, optimizer, pipeline.val)
     # Drop path and mixup draw per process from seed + rank (as DeiT); the data is seeded per sample.
     set_seed(config.seed + accelerator.process_index)
-    ema = None
-    if config.ema_decay is not None:
-        # timm's warm-up (decay 1 - (1 + step)^-3/4 up to ema_decay) keeps the EMA of a short run
-        # from staying near the initial weights and the fresh head
-        ema = ModelEmaV3(
-            accelerator.unwrap_model(model),
-            decay=config.ema_decay,
-            use_warmup=True,
-            device=accelerator.device,
-        )
-    if teacher is not None:
-        teacher.to(accelerator.device)
+    if config.ema_decay is None:
+        return model, optimizer, None
+    # timm's warm-up (decay 1 - (1 + step)^-3/4 up to ema_decay) keeps the EMA of a short run
+    # from staying near the initial weights and the fresh head
+    ema = ModelEmaV3(
+        accelerator.unwrap_model(model), decay=config.ema_decay, use_warmup=True, device=accelerator.device
+    )
+    return model, optimizer, ema
+
+
+def _training_run(
+    config: FinetuneConfig, accelerator: Accelerator, pipeline: Pipeline, ema: ModelEmaV3 | None
+) -> TrainingRun:
+    """The core loop for this run, started (resumed under ``resume=auto``)."""
     run = TrainingRun(
         accelerator,
         RunSettings.of(config),
@@ -241,24 +269,7 @@ def _run(
         {"dataset": info.name, "classes": list(info.classes), "best_top1": None, "last_top1": None},
         same_data=("classes",),  # an image folder whose classes changed cannot continue this head
     )
-    state = FinetuneRun(config, accelerator, pipeline, start, model, ema, run)
-    model.train()
-    with run:
-        step = finetune_step(
-            config,
-            accelerator,
-            model,
-            optimizer,
-            _mixup(config, info.num_classes),
-            _criterion(config),
-            teacher,
-            ema,
-            pipeline.steps_per_epoch,
-        )
-        state.result.status = run.steps(step, pipeline.batches, state.at_epoch)
-        if state.result.status == "finished":
-            state.finish()
-    return state.summary()
+    return run
 
 
 @dataclass
