@@ -17,20 +17,6 @@ from selfsup.config import load_config, parse_command
 from selfsup.errors import exits_cleanly
 from selfsup.precision import add_precision_flag
 
-FLAGS = {
-    "mixed_precision": "mixed_precision",
-    "checkpoint": "checkpoint",
-    "dataset": "dataset",
-    "data_root": "data_root",
-    "prune": "prune",
-    "target_macs": "target_macs",
-    "recover_epochs": "recover_epochs",
-    "teacher": "teacher",
-    "quantize": "quantize",
-    "calibrate": "calibrate",
-    "out": "out",
-}
-
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(
@@ -53,7 +39,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     parser.add_argument("--calibrate", help="calibration images for int8-static")
     parser.add_argument("--out", help="output folder")
     add_precision_flag(parser)
-    args, overrides = parse_command(parser, argv, FLAGS)
+    args, overrides = parse_command(parser, argv)
     return args.config, overrides
 
 

@@ -20,32 +20,13 @@ from selfsup.errors import UsageError, exits_cleanly
 from selfsup.eval.probe import ProbeConfig, run_probe
 from selfsup.precision import add_precision_flag
 
-# argparse destination -> the ProbeConfig key it sets (the config types the text, as for key=value).
-FLAGS = {
-    "mixed_precision": "mixed_precision",
-    "dataset": "dataset",
+# Flags named otherwise than their config key; --random-init only confirms --model and sets nothing.
+KEYS = {
     "data_root": "data.root",
     "download": "data.download",
     "val_fraction": "data.val_fraction",
-    "compare_random_init": "compare_random_init",
-    "methods": "methods",
-    "feature": "feature",
-    "ks": "ks",
-    "temperature": "temperature",
-    "knn_backend": "knn_backend",
-    "knn_index": "knn_index",
-    "linear_protocol": "linear_protocol",
-    "img_size": "img_size",
-    "patch_size": "patch_size",
-    "batch_size": "batch_size",
-    "num_workers": "num_workers",
-    "seed": "seed",
-    "cache_dir": "cache_dir",
-    "no_cache": "no_cache",
-    "out": "out",
+    "random_init": None,
 }
-# Repeatable flags collect a list, passed on as one JSON list (a YAML flow list that quotes any path).
-REPEATED = {"checkpoints": "checkpoints", "models": "models"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,17 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
-    """(the --config file, the overrides in the order they apply): repeated flags, flags, then key=value."""
-    args, overrides = parse_command(build_parser(), argv, FLAGS)
+    """(the --config file, the overrides in the order they apply): flags, then key=value."""
+    args, overrides = parse_command(build_parser(), argv, KEYS)
     if args.models and not args.random_init:
         raise UsageError(
             "--model evaluates an architecture at random initialisation: add --random-init "
             "(trained weights come only from --checkpoint)"
         )
-    repeated = [
-        f"{key}={json.dumps(getattr(args, dest))}" for dest, key in REPEATED.items() if getattr(args, dest)
-    ]
-    return args.config, repeated + overrides
+    return args.config, overrides
 
 
 @exits_cleanly

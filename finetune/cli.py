@@ -13,16 +13,7 @@ from selfsup.errors import exits_cleanly
 from selfsup.finetune.settings import FinetuneConfig
 from selfsup.precision import add_precision_flag
 
-FLAGS = {
-    "mixed_precision": "mixed_precision",
-    "dataset": "dataset",
-    "data_root": "data_root",
-    "checkpoint": "checkpoint",
-    "model": "model",
-    "teacher": "distill.teacher",
-    "out": "out",
-    "random_init": "random_init",
-}
+KEYS = {"teacher": "distill.teacher"}  # flags named otherwise than their config key
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
@@ -50,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     parser.add_argument("--teacher", help="a classifier checkpoint to distil from (distill.teacher=...)")
     parser.add_argument("--out", help="run folder (same as out=...)")
     add_precision_flag(parser)
-    args, overrides = parse_command(parser, argv, FLAGS)
+    args, overrides = parse_command(parser, argv, KEYS)
     return args.config, overrides
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -186,6 +188,97 @@ _BY_ORIGIN: dict[Any, Any] = {
 }
 
 
+# --- each field's rule, declared beside it ------------------------------------------------------
+#
+# A number, a list of numbers or a checked string declares the values it accepts where it is
+# declared (``lr: float = setting(1e-3, gt=0)``); load_config checks every rule before the config
+# (and its cross-field checks in __post_init__) is built, and names the key, the value and what is
+# expected in one line. tests/test_bad_values.py walks every stage's config: a numeric field without
+# a rule fails it, so a new key cannot be added without one.
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """The values a field accepts: bounds (``gt``/``ge``/``lt``/``le``), ``choices``, a ``check`` that
+    returns what is expected when a value fails (None when it passes). Floats must be finite; the rule
+    applies to each item of a list or tuple (``nonempty``: at least one item). None passes where the
+    field's type allows it."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple[Any, ...] | None = None
+    nonempty: bool = False
+    check: Any = None  # Callable[[Any], str | None]
+
+    def expected(self) -> str:
+        """What the rule accepts, in words: "at least 1", "strictly between 0 and 1", "in [0, 1)"."""
+        if self.choices is not None:
+            *head, last = map(str, self.choices)
+            return f"{', '.join(head)} or {last}" if head else last
+        low, high = _end(self.gt, self.ge), _end(self.lt, self.le)
+        if low and high:
+            if low[1] and high[1]:
+                return f"strictly between {low[0]} and {high[0]}"
+            return f"in {'(' if low[1] else '['}{low[0]}, {high[0]}{')' if high[1] else ']'}"
+        if low:
+            return f"above {low[0]}" if low[1] else f"at least {low[0]}"
+        if high:
+            return f"below {high[0]}" if high[1] else f"at most {high[0]}"
+        return "valid"
+
+    def problem(self, value: Any) -> str | None:
+        """What is expected, when ``value`` (one item) breaks the rule; None when it passes."""
+        if self.check is not None and (expected := self.check(value)):
+            return expected
+        if self.choices is not None:
+            return None if value in self.choices else self.expected()
+        if not _is_number(value):
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            return "a finite number" + ("" if self.expected() == "valid" else f" {self.expected()}")
+        inside = (
+            (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt)
+            and (self.le is None or value <= self.le)
+        )
+        return None if inside else self.expected()
+
+
+def _end(strict: float | None, loose: float | None) -> tuple[str, bool] | None:
+    """A bound as (its value in words, whether it is strict); None where there is none."""
+    if strict is not None:
+        return f"{strict:g}", True
+    return None if loose is None else (f"{loose:g}", False)
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rule: Any) -> Any:
+    """A config field with its rule: ``base_lr: float = setting(3e-4, gt=0)``; ``factory`` for lists."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"rule": Rule(**rule)})
+
+
+def rule_of(field: dataclasses.Field) -> Rule | None:
+    return field.metadata.get("rule")
+
+
+def _check_rules(cls: type, values: dict[str, Any], prefix: str) -> None:
+    """Every field of ``cls`` given in ``values`` against its rule; one UsageError line otherwise."""
+    for f in dataclasses.fields(cls):
+        rule, value = rule_of(f), values.get(f.name)
+        if rule is None or value is None:
+            continue
+        items = value if isinstance(value, list | tuple) else (value,)
+        problems = [p for p in map(rule.problem, items) if p]
+        if rule.nonempty and not items:
+            problems.append("at least one value")
+        if problems:
+            each = "each " if isinstance(value, list | tuple) and items else ""
+            null = " (or null)" if _unwrap_optional(_field_types(cls)[f.name])[1] else ""
+            raise UsageError(f"{prefix}{f.name} must {each}be {problems[0]}{null}, got {value!r}")
+
+
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = _field_types(cls)
     kwargs = {}
@@ -193,6 +286,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if key not in hints:
             raise _unknown_key(key, list(hints), prefix)
         kwargs[key] = _convert(value, hints[key], prefix + key)
+    _check_rules(cls, kwargs, prefix)  # before __post_init__'s cross-field checks see the values
     return cls(**kwargs)
 
 
@@ -321,14 +415,21 @@ def save_config(config: Any, path: str | Path) -> Path:
 
 
 def parse_command(
-    parser: argparse.ArgumentParser, argv: list[str] | None, flags: dict[str, str]
+    parser: argparse.ArgumentParser, argv: list[str] | None, keys: dict[str, str | None] | None = None
 ) -> tuple[argparse.Namespace, list[str]]:
     """Every command's line: named flags plus ``key=value`` overrides anywhere among them.
 
-    ``flags`` maps an argparse destination to the config key it sets; the overrides are those
-    ``key=value`` pairs first, then the positional ones (so a positional override wins).
+    A flag sets the config key of its own name (``--data-root`` -> ``data_root``); ``keys`` maps a
+    destination to another key (``teacher`` -> ``distill.teacher``) or, with ``None``, keeps it off the
+    config. A repeated flag's list is passed as one JSON list (a YAML flow list that quotes any path).
+    The flags become overrides first, then the positional ones (so a positional override wins).
     """
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)  # key=value before and after the flags
-    named = [f"{key}={getattr(args, dest)}" for dest, key in flags.items() if getattr(args, dest) is not None]
+    keys = {"config": None, "overrides": None, **(keys or {})}
+    named = [
+        f"{keys.get(dest, dest)}={json.dumps(value) if isinstance(value, list) else value}"
+        for dest, value in vars(args).items()
+        if keys.get(dest, dest) is not None and value is not None
+    ]
     return args, named + list(args.overrides)

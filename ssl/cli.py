@@ -13,8 +13,6 @@ from selfsup.errors import exits_cleanly
 from selfsup.precision import add_precision_flag
 from selfsup.ssl.settings import PretrainConfig
 
-FLAGS = {"mixed_precision": "mixed_precision", "dataset": "dataset", "data_root": "data_root", "out": "out"}
-
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(
@@ -27,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     parser.add_argument("--data-root", help="folder holding the dataset (same as data_root=...)")
     parser.add_argument("--out", help="run folder (same as out=...)")
     add_precision_flag(parser)
-    args, overrides = parse_command(parser, argv, FLAGS)
+    args, overrides = parse_command(parser, argv)
     return args.config, overrides
 
 

@@ -14,18 +14,7 @@ from selfsup.errors import UsageError, exits_cleanly
 from selfsup.precision import add_precision_flag
 from selfsup.tta.settings import TTAConfig
 
-FLAGS = {
-    "mixed_precision": "mixed_precision",
-    "checkpoint": "checkpoint",
-    "dataset": "dataset",
-    "data_root": "data_root",
-    "method": "methods",
-    "protocol": "protocol",
-    "severity": "severity",
-    "batch_size": "batch_size",
-    "corruptions": "corruptions",
-    "out": "out",
-}
+KEYS = {"method": "methods"}  # flags named otherwise than their config key
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
@@ -49,7 +38,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     )
     parser.add_argument("--out", help="output folder")
     add_precision_flag(parser)
-    args, overrides = parse_command(parser, argv, FLAGS)
+    args, overrides = parse_command(parser, argv, KEYS)
     return args.config, overrides
 
 
