@@ -5,8 +5,11 @@ and its batches; :class:`TrainingRun` does the rest, in the order of the officia
 ``main_moco.py``, MAE ``engine_pretrain.py``: schedules from the fractional epoch, forward,
 backward, optimizer step), run identically by 1 or W processes:
 
+* one run per output folder: the main process holds ``OUT/.lock`` (:mod:`selfsup.runlock`) from
+  :func:`start_process` to the end of the run;
 * ``resume`` continues from a checkpoint (:mod:`selfsup.runstate`) with the same losses an
-  uninterrupted run would log, and refuses a checkpoint of another recipe;
+  uninterrupted run would log, and refuses a checkpoint of another recipe; a stage's extra modules
+  (fine-tuning's EMA) are checkpointed beside the model as safetensors, never pickled;
 * a checkpoint every ``save_every_steps`` steps and ``save_every_epochs`` epochs, and at the end;
 * SIGTERM/SIGINT save a checkpoint at the next step boundary (the processes agree in the same
   all-reduce as the loss) and :meth:`TrainingRun.steps` returns ``"interrupted"``;
@@ -31,8 +34,9 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 
-from selfsup import runstate
+from selfsup import runlock, runstate
 from selfsup.accel import announce_precision, make_accelerator
 from selfsup.config import save_config, to_dict
 from selfsup.errors import EXIT_DIVERGED, UsageError
@@ -77,14 +81,18 @@ def start_process(config: Any) -> Accelerator:
     """What every training process does before it builds anything, in this order, from a stage
     config's ``out``, ``mixed_precision``, ``log_with``, ``batch_size``, ``threads`` and ``seed``.
 
-    ``out`` is proven writable first (a run must be able to save), the Accelerator is made and its
-    precision announced (``auto`` resolved and written back into the config, as config.yaml
-    records it), the global batch must split evenly, then torch's threads and the seed are set
-    (the same initial weights in every process).
+    ``out`` is proven writable first (a run must be able to save), the Accelerator is made, the main
+    process claims ``out`` for this run (:mod:`selfsup.runlock`: a second run there is refused in
+    one line before it writes anything; :func:`disk_errors_as_usage_errors` and :func:`run_command`
+    release it at their end, the OS when the process ends), its precision is announced (``auto``
+    resolved and written back into the config, as config.yaml records it), the global batch must
+    split evenly, then torch's threads and the seed are set (the same initial weights in every
+    process).
     """
     ensure_writable_dir(config.out, "out=")
     asked = config.mixed_precision
     accelerator = make_accelerator(asked, log_with=config.log_with, project_dir=config.out)
+    on_main(accelerator, lambda: runlock.claim(config.out))  # a refusal stops the other processes too
     announce_precision(accelerator, asked)
     config.mixed_precision = accelerator.mixed_precision
     world = accelerator.num_processes
@@ -98,8 +106,9 @@ def start_process(config: Any) -> Accelerator:
 
 @contextlib.contextmanager
 def disk_errors_as_usage_errors(out: str | Path) -> Iterator[None]:
-    """A disk error the user can fix (no space, no permission, read-only) becomes one
-    :class:`UsageError` line naming the last good checkpoint, which the atomic saves keep intact."""
+    """The guard around a training stage's run: a disk error the user can fix (no space, no
+    permission, read-only) becomes one :class:`UsageError` line naming the last good checkpoint,
+    which the atomic saves keep intact; at its end the run's hold on ``out`` is released."""
     try:
         yield
     except Exception as err:  # OSError, or a writer's wrapper of one (safetensors, torch.save)
@@ -113,6 +122,8 @@ def disk_errors_as_usage_errors(out: str | Path) -> Iterator[None]:
             f"cannot write the run's files ({describe_os_error(err)}); {last}: "
             f"free space or fix permissions, then rerun with out={out} resume=auto"
         ) from None
+    finally:
+        runlock.release(out)
 
 
 def on_main(accelerator: Accelerator, work: Callable[[], Any]) -> Any:
@@ -149,6 +160,8 @@ def run_command(train: Callable[[Any], Any], config: Any, continue_with: str) ->
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_DIVERGED) from None
+    finally:
+        runlock.release(config.out)  # the command's run is over (held since start_process)
     if result.status == "interrupted":
         print(
             f"stopped at step {result.step}/{result.total_steps} (signal {result.signal}); checkpoint saved, "
@@ -179,7 +192,9 @@ class TrainingRun:
 
     ``resumable``: the config keys that may change across a resume (:data:`runstate.RUN_KEYS` and
     the stage's own). ``bar_fields``: what the progress bar shows (:class:`RunLog`). ``advice``:
-    what a diverged run should try, in the :class:`TrainingDiverged` message.
+    what a diverged run should try, in the :class:`TrainingDiverged` message. ``modules``: state
+    beside the model and optimizer (e.g. ``{"ema": ema}``; None entries skipped), checkpointed as
+    ``NAME.safetensors``: accelerate's ``register_for_checkpointing`` would pickle it.
     """
 
     def __init__(
@@ -193,10 +208,12 @@ class TrainingRun:
         images_per_step: int,
         bar_fields: dict[str, str] | None = None,
         advice: str = "lower the learning rate or use mixed_precision=no",
+        modules: dict[str, nn.Module | None] | None = None,
     ):
         self.accelerator, self.settings, self.steps_per_epoch = accelerator, settings, steps_per_epoch
         self.stage, self.resumable, self.images_per_step = stage, resumable, images_per_step
         self.bar_fields, self.advice = bar_fields, advice
+        self.modules = {name: m for name, m in (modules or {}).items() if m is not None}
         self.out = Path(settings.out)
         self.total = steps_per_epoch * settings.epochs
         self.end = min(self.total, settings.max_steps) if settings.max_steps is not None else self.total
@@ -226,7 +243,7 @@ class TrainingRun:
                         f"({_short(stored.data.get(key))} vs {_short(data.get(key))}): "
                         f"use a new out=... for this data"
                     )
-            accelerator.load_state(str(checkpoint))
+            runstate.load_state(accelerator, checkpoint, self.modules)
             self.position = stored
             self.position.config = requested
         if accelerator.is_main_process:
@@ -239,7 +256,9 @@ class TrainingRun:
 
     def save(self) -> None:
         """Collective: a checkpoint of the current position (see :func:`runstate.save`)."""
-        runstate.save(self.accelerator, self.out, self.position, self.settings.keep_checkpoints)
+        runstate.save(
+            self.accelerator, self.out, self.position, self.settings.keep_checkpoints, self.modules
+        )
 
     def __enter__(self) -> TrainingRun:
         s, main = self.settings, self.accelerator.is_main_process

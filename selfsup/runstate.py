@@ -1,33 +1,49 @@
 """Where a run stands on disk: checkpoints, the resume position, and stop requests from signals.
 
 A checkpoint is ``OUT/checkpoints/step_XXXXXXXX/``: accelerate's ``save_state`` (model,
-optimizer, scaler, every process's RNG states) plus ``runstate.json`` (the step reached, NaN
-counters, the dataset's normalisation, the resolved config, and the name and size of every file
-of the checkpoint), written last. It is assembled under a temporary name and renamed when
+optimizer, scaler, every process's RNG states), the stage's extra modules as ``NAME.safetensors``
+(fine-tuning's EMA), plus ``runstate.json`` (the step reached, NaN counters, the dataset's
+normalisation, the resolved config, and the name and size of every file of the checkpoint),
+written last. It is assembled under a temporary name and renamed when
 complete, and older ones are deleted only afterwards (renamed away first), so a kill at any moment
 leaves a complete checkpoint; resume skips a damaged one for the one before. The epoch and the
 sampler's position follow from the step.
+
+Reading a checkpoint runs no code from it. Audited against accelerate 1.16's ``load_state``
+(``accelerate/checkpointing.py``): the model is read with safetensors; ``optimizer.bin``,
+``scheduler.bin``, ``sampler.bin``, ``scaler.pt`` and ``random_states_N.pkl`` with ``torch.load``
+under ``weights_only=True`` (tensors, numbers and numpy arrays only; anything else is an
+``UnpicklingError``, refused here in one line). Only ``custom_checkpoint_N.pkl`` (objects given to
+``register_for_checkpointing``) is unpickled with ``weights_only=False``: no run registers any, and
+a checkpoint holding one is refused before accelerate sees it. accelerate swallows a failure to read
+the RNG states (the resume would silently differ), so :func:`load_state` reads them first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import pickle
+import re
 import shutil
 import signal
 import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from selfsup.errors import UsageError
-from selfsup.files import atomic_write_bytes
+from selfsup.files import atomic_write_bytes, disk_errors_at
+
+if TYPE_CHECKING:  # torch, accelerate and safetensors load when a checkpoint does: configs import this module
+    from torch import nn
 
 STATE_FILE = "runstate.json"
 MODEL_FILE = "model.safetensors"  # what accelerate's save_state writes for the first model
 PREFIX = "step_"
 TMP, OLD, TRASH = ".tmp-", ".old-", ".trash-"  # folders in flight: never read as checkpoints
+PICKLED_OBJECTS = "custom_checkpoint_*.pkl"  # what accelerate unpickles with weights_only=False
 
 
 @dataclass
@@ -143,8 +159,13 @@ def load_position(checkpoint: Path) -> Position:
     return Position(**record)
 
 
-def save(accelerator, out: str | Path, position: Position, keep: int) -> Path:
+def save(
+    accelerator, out: str | Path, position: Position, keep: int, modules: dict[str, nn.Module] | None = None
+) -> Path:
     """Collective: every process calls it. Returns the completed checkpoint folder.
+
+    ``modules``: the stage's extra modules (the same in every process), saved by the main process
+    as ``NAME.safetensors``.
 
     Assembled under ``.tmp-step_N`` and renamed into place; a checkpoint of the same step already
     there is first renamed aside (``.old-step_N``) and deleted only after the new one is in, so at
@@ -158,7 +179,8 @@ def save(accelerator, out: str | Path, position: Position, keep: int) -> Path:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
+        with disk_errors_at(tmp):  # accelerate's writers name no file (torch's not even its errno)
+            accelerator.save_state(str(tmp))
     except BaseException:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # e.g. out of disk: free what was written
@@ -166,6 +188,8 @@ def save(accelerator, out: str | Path, position: Position, keep: int) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
+            with disk_errors_at(tmp):
+                _save_modules(tmp, modules or {})
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             record = {**asdict(position), "files": files}
             atomic_write_bytes(tmp / STATE_FILE, json.dumps(record, indent=1).encode())
@@ -182,6 +206,61 @@ def save(accelerator, out: str | Path, position: Position, keep: int) -> Path:
             _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _save_modules(folder: Path, modules: dict[str, nn.Module]) -> None:
+    from safetensors.torch import save_model
+
+    for name, module in modules.items():
+        path = folder / f"{name}.safetensors"
+        if path.exists():  # a programming error: the name of one of accelerate's files
+            raise ValueError(f"checkpointed module {name!r}: {path.name} is taken by accelerate's save_state")
+        save_model(module, str(path))  # shared tensors stored once, as accelerate does for models
+
+
+def load_state(accelerator, checkpoint: Path, modules: dict[str, nn.Module] | None = None) -> None:
+    """Collective: restore accelerate's state and the extra ``modules`` from ``checkpoint`` without
+    running code from it (see the module docstring); one :class:`UsageError` line otherwise."""
+    from safetensors.torch import load_model
+
+    _refuse_unsafe(checkpoint, accelerator.process_index)
+    try:
+        accelerator.load_state(str(checkpoint))
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met an object
+        raise UsageError(f"{checkpoint}: {_not_plain(err)}") from None
+    for name, module in (modules or {}).items():
+        path = checkpoint / f"{name}.safetensors"
+        if not path.is_file():
+            raise UsageError(f"{checkpoint} has no {path.name} to resume the run's {name} from; start fresh")
+        load_model(module, str(path))  # strict: every tensor present and of its shape
+
+
+def _refuse_unsafe(checkpoint: Path, process_index: int) -> None:
+    """Refuse what accelerate would unpickle with ``weights_only=False``, and RNG states it would
+    fail to read and skip in silence (the resume would then quietly differ)."""
+    pickled = sorted(p.name for p in checkpoint.glob(PICKLED_OBJECTS))
+    if pickled:
+        raise UsageError(
+            f"{checkpoint} holds {', '.join(pickled)}: pickled objects, which could run code when read and "
+            "which this program never writes; resume from a checkpoint it saved, or start fresh with a new out=..."
+        )
+    from accelerate.utils import load as weights_only_load  # torch.load(weights_only=True), numpy allowed
+
+    rng = checkpoint / f"random_states_{process_index}.pkl"
+    if rng.is_file():
+        try:
+            weights_only_load(rng)
+        except Exception as err:  # accelerate would catch it and resume with other random numbers
+            raise UsageError(f"{rng}: {_not_plain(err)}") from None
+
+
+def _not_plain(err: Exception) -> str:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    what = f"an object of {found.group(1)}" if found else "more than tensors and plain values"
+    return (
+        f"the checkpoint holds {what}, which this program never writes (a damaged or crafted file); "
+        "resume from another checkpoint or start fresh with a new out=..."
+    )
 
 
 def truncate_log(path: Path, step: int) -> None:

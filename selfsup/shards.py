@@ -4,6 +4,11 @@ Each shard holds samples as ``<key>.jpg`` (or png/webp) plus ``<key>.cls`` (the 
 Shards are split first across processes (``split_by_node``, which reads torch.distributed's rank
 and world size) and then across DataLoader workers, so no two readers see the same shard.
 
+Only those two members of a sample are read, each by its own decoder (PIL for the image, ASCII
+digits for the label): webdataset's default decoders would also ``pickle.loads`` a ``.pyd``/``.pkl``
+member and ``torch.load`` a ``.pth`` one, so a downloaded shard could run code. Other members are
+dropped undecoded.
+
 Shuffling while reading is local: shard order, then a buffer of ``shuffle_buffer`` (5,000) samples
 per worker. Shards must therefore be written from a shuffled list of samples; shards written class
 by class give batches of a handful of classes, whatever the reader does.
@@ -11,10 +16,15 @@ by class give batches of a handful of classes, whatever the reader does.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
 import webdataset as wds
+from PIL import Image
+
+IMAGE_KEYS = "jpg;jpeg;png;webp"  # the first of these a sample holds is its image
+LABEL_KEY = "cls"
 
 
 def list_shards(root: str | Path) -> list[str]:
@@ -41,8 +51,22 @@ def shard_dataset(
     )
     if shuffle:
         dataset = dataset.shuffle(shuffle_buffer)
-    dataset = dataset.decode("pil").to_tuple("jpg;jpeg;png;webp", "cls")
-    return dataset.map_tuple(transform or (lambda x: x), int)
+    # select the two members first: nothing else in a sample ever reaches a decoder
+    dataset = dataset.to_tuple(IMAGE_KEYS, LABEL_KEY).map_tuple(decode_image, decode_label)
+    return dataset.map_tuple(transform, lambda label: label) if transform else dataset
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """An RGB PIL image, as webdataset's ``decode("pil")`` gives (``autodecode.ImageHandler``)."""
+    with io.BytesIO(data) as stream:
+        image = Image.open(stream)
+        image.load()
+    return image.convert("RGB")
+
+
+def decode_label(data: bytes) -> int:
+    """The class index, written as ASCII digits (webdataset's ``cls`` convention)."""
+    return int(data.decode("ascii"))
 
 
 def shard_classes(root: str | Path) -> list[str]:
