@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from selfsup.backbones.dynamic_conv import DynamicConv2d
-from selfsup.backbones.hooks import auxiliary_loss
+from selfsup.backbones.hooks import auxiliary_losses
 from selfsup.backbones.skipnet import GatedBlock
 from selfsup.errors import UsageError
 from selfsup.flops import count_macs, count_params
@@ -88,11 +88,12 @@ def _traced_forward(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
     for gate in gates:
         gate.training = True
     try:
-        out = model(example)
+        with auxiliary_losses(model) as aux:
+            out = model(example)
+            aux.discard()  # the straight-through pass trains nothing: its penalty is dropped
     finally:
         for gate in gates:
             gate.training = False
-        auxiliary_loss(model)  # the straight-through pass recorded its decisions: drop them
     return out
 
 

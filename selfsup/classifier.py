@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
+from selfsup.backbones.hooks import auxiliary_losses, set_training_progress
 from selfsup.checkpoint import HEAD_PREFIXES
 from selfsup.distill import distillation_loss
 from selfsup.schedules import apply_lr
@@ -67,10 +67,11 @@ class ClassifierStep:
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
-        out = self.model(images)
+        with auxiliary_losses(self.accelerator.unwrap_model(self.model)) as aux:
+            out = self.model(images)
+            extra = aux.total()  # e.g. SkipNet's compute penalty
         heads = out if isinstance(out, tuple) else (out,)  # a distilled DeiT: class and distillation head
         tasks = [self.criterion(head, targets) for head in heads]
-        extra = auxiliary_loss(self.accelerator.unwrap_model(self.model))  # e.g. SkipNet's compute penalty
         if extra is not None:
             tasks = [task + extra for task in tasks]
         if self.teacher is None:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from timm.optim import Lars
 
 from selfsup.accel import released
-from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
+from selfsup.backbones.hooks import auxiliary_losses, set_training_progress
 from selfsup.checkpoint import timm_call
 from selfsup.imagefolder import report_corrupt
 from selfsup.loop import (
@@ -85,8 +85,9 @@ class MocoStep:
         moco = self.accelerator.unwrap_model(self.model)
         set_training_progress(moco, progress)  # schedules inside a backbone (DynamicConv's temperature)
         self.optimizer.zero_grad(set_to_none=True)  # also drops the gradients of a skipped NaN step
-        loss = self.model(x1, x2, m)
-        extra = auxiliary_loss(moco)  # a backbone's own term (SkipNet's compute penalty)
+        with auxiliary_losses(moco) as aux:
+            loss = self.model(x1, x2, m)
+            extra = aux.total()  # a backbone's own term (SkipNet's compute penalty)
         loss = loss if extra is None else loss + extra
         self.accelerator.backward(loss)
         return loss.detach(), {"lr": lr, "momentum": m}

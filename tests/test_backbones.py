@@ -4,7 +4,9 @@ trip (stock timm rebuilds it after ``import selfsup.architectures``), pretrains 
 through the probe, fine-tuning and ONNX export. DynamicConv's per-sample
 kernels equal a loop over samples; SkipNet's gates skip per sample and a skipped block costs nothing."""
 
+import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -13,7 +15,7 @@ from torch import nn
 
 import selfsup.architectures  # noqa: F401
 from selfsup.backbones.dynamic_conv import DynamicConv2d
-from selfsup.backbones.hooks import auxiliary_loss, set_training_progress
+from selfsup.backbones.hooks import auxiliary_losses, set_training_progress
 from selfsup.backbones.skipnet import GatedBlock
 from selfsup.checkpoint import CheckpointMeta, load_backbone, save_checkpoint, timm_call
 from selfsup.flops import count_macs, count_params
@@ -51,9 +53,10 @@ def test_small_variant_trains_and_round_trips(kind, tmp_path):
     x = torch.randn(4, 3, 32, 32)
     model.train()
     set_training_progress(model, 0.5)
-    out = model(x)
+    with auxiliary_losses(model) as aux:
+        out = model(x)
+        extra = aux.total()
     loss = out.logsumexp(1).mean()
-    extra = auxiliary_loss(model)
     assert (extra is not None) == (kind == "skipnet")
     (loss + (extra if extra is not None else 0)).backward()
     assert out.shape == (4, 10) and torch.isfinite(out).all()
@@ -95,7 +98,10 @@ def test_paper_sized_variant_matches_the_papers_counts(name, size, params, p_tol
     if name == "botnet50":  # c5 attention instead of 3x3 convolutions: ResNet-50's MACs within 5%
         assert counted == pytest.approx(count_macs(timm.create_model("resnet50"), x) / 1e6, rel=0.05)
     model.train()
-    model(torch.randn(2, 3, size, size)).sum().backward()
+    with auxiliary_losses(model) as aux:
+        loss = model(torch.randn(2, 3, size, size)).sum()
+        extra = aux.total()
+    (loss if extra is None else loss + extra).backward()
 
 
 def test_dynamic_conv_per_sample_kernels_equal_a_loop_over_samples():
@@ -176,15 +182,143 @@ def test_skipnet_training_gates_are_hard_forward_and_penalised():
     torch.manual_seed(0)
     model = timm.create_model("skip_resnet38", num_classes=10, skip_penalty=0.5).train()
     x = torch.randn(4, 3, 32, 32)
-    model(x)
-    penalty = auxiliary_loss(model)
-    assert penalty is not None and auxiliary_loss(model) is None  # taken once, then cleared
+    with auxiliary_losses(model) as aux:
+        model(x)
+        penalty = aux.total()
+        assert penalty is not None and aux.total() is None  # taken once, then cleared
     penalty.backward()
     grads = [b.gate[4].weight.grad for b in model.gated_blocks()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)  # straight-through reaches the gates
-    with torch.no_grad():
+    with torch.no_grad(), auxiliary_losses(model) as aux:
         model(x)
-    assert auxiliary_loss(model) is None  # no gradients, nothing recorded (e.g. a momentum encoder)
+        assert aux.total() is None  # no gradients, nothing recorded (e.g. a momentum encoder)
+    with torch.no_grad():
+        model(x)  # ... so such a pass needs no scope
+
+
+def _open_all_but(model: nn.Module, closed: int) -> float:
+    """The first ``closed`` gates shut, the others open; the share of gated blocks executed."""
+    blocks = model.gated_blocks()
+    for i, block in enumerate(blocks):
+        _set_gate(block, i >= closed)
+    return (len(blocks) - closed) / len(blocks)
+
+
+def test_skipnet_penalty_joins_the_classifier_step_loss():
+    """Fine-tuning's and recovery's loss: the task's plus skip_penalty x the share executed (the
+    value the drained side-effect list gave), with gradients through the straight-through gates."""
+    from selfsup.classifier import ClassifierStep
+
+    torch.manual_seed(0)
+    model = timm.create_model("skip_resnet38", num_classes=10, skip_penalty=0.5).train()
+    share = _open_all_but(model, 3)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with auxiliary_losses(model) as aux:
+        task = nn.functional.cross_entropy(model(x), y)
+        aux.discard()
+    step = ClassifierStep(SimpleNamespace(unwrap_model=lambda m: m), model, None, None)
+    loss = step.loss(x, y)
+    assert loss.item() == pytest.approx(task.item() + 0.5 * share, abs=1e-6)
+    loss.backward()
+    assert model.gated_blocks()[0].gate[4].bias.grad.abs().sum() > 0
+
+
+def test_skipnet_penalty_joins_the_moco_loss(tmp_path):
+    """Pretraining's loss: the base encoder's penalty only (the momentum encoder runs without gradients)."""
+    from selfsup.config import load_config
+    from selfsup.ssl.schedules import moco_momentum
+    from selfsup.ssl.settings import PretrainConfig
+    from selfsup.ssl.train import MocoStep, build_model
+
+    config = load_config(PretrainConfig, None, [*MOCO_DIGITS, "model.arch=skip_resnet38", f"out={tmp_path}"])
+    torch.manual_seed(0)
+    moco = build_model(config).train()
+    share = _open_all_but(moco.backbone, 2)
+    reference = copy.deepcopy(moco)
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    m = moco_momentum(0.0, config.moco.momentum, config.epochs, config.moco.momentum_cosine)
+    with auxiliary_losses(reference) as aux:
+        task = reference(x1, x2, m)
+        aux.discard()
+    accelerator = SimpleNamespace(
+        device=torch.device("cpu"), unwrap_model=lambda net: net, backward=torch.Tensor.backward
+    )
+    step = MocoStep(config, accelerator, moco, torch.optim.SGD(moco.parameters(), lr=0.0))
+    loss, _ = step.forward((x1, x2), 0.0)
+    assert loss.item() == pytest.approx(task.item() + moco.backbone.skip_penalty * share, abs=1e-5)
+
+
+def test_a_forgotten_skipnet_penalty_is_an_error():
+    model = timm.create_model("skip_resnet38", num_classes=10).train()
+    x = torch.randn(2, 3, 32, 32)
+    outside = "training forward outside `with selfsup.backbones.hooks.auxiliary_losses"
+    with pytest.raises(RuntimeError, match=outside):
+        model(x)  # no scope to collect the penalty
+    untaken = "SkipResNet recorded an auxiliary loss that was never taken"
+    with pytest.raises(RuntimeError, match=untaken), auxiliary_losses(model):
+        model(x)
+    # an error inside the scope is the one reported, not hidden by the untaken term
+    with pytest.raises(ValueError, match="the step's own error"), auxiliary_losses(model):
+        model(x)
+        raise ValueError("the step's own error")
+    with auxiliary_losses(model) as aux:
+        with pytest.raises(RuntimeError, match="cannot nest"), auxiliary_losses(model):
+            pass
+        model(x)
+        assert aux.total() is not None
+    model.eval()
+    model(x)  # evaluation records nothing: no scope needed
+
+
+def test_skipnet_has_timms_head_api():
+    torch.manual_seed(0)
+    model = timm.create_model("skip_resnet38", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert model.get_classifier() is model.fc and model.get_classifier(name_only=True) == "fc"
+    assert model.no_weight_decay() == set()  # timm's 1-D rule is all (the official code decays the rest)
+    with torch.no_grad():
+        fmap = model.forward_features(x)
+        pooled = model.forward_head(fmap, pre_logits=True)
+        assert pooled.shape == (2, model.num_features) and torch.allclose(
+            pooled, fmap.mean((2, 3)), atol=1e-6
+        )
+        assert torch.allclose(model(x), model.fc(pooled))
+        model.reset_classifier(0)  # no head: the pooled features
+        assert model(x).shape == (2, model.num_features) and torch.allclose(model(x), pooled)
+        model.reset_classifier(5, "catavgmax")  # timm's pools: average and max side by side
+        assert model.fc.in_features == model.head_hidden_size == 2 * model.num_features
+        assert torch.allclose(
+            model.forward_head(fmap, pre_logits=True), torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], 1)
+        )
+        model.reset_classifier(3)  # the pool is kept
+        assert model.global_pool.pool_type == "catavgmax" and model(x).shape == (2, 3)
+        model.reset_classifier(0, "")  # no pool: the feature map
+        assert torch.equal(model(x), fmap)
+    assert timm.create_model("skip_resnet38", global_pool="max").global_pool.pool_type == "max"
+
+
+def test_skipnet_grad_checkpointing_recomputes_the_blocks_not_the_gates(monkeypatch):
+    from selfsup.backbones import skipnet
+
+    calls = []
+    real = skipnet.checkpoint
+    monkeypatch.setattr(skipnet, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    x = torch.randn(4, 3, 32, 32)
+    runs = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model("skip_resnet38", num_classes=10, drop_path_rate=0.2).train()
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(1)  # the same drop-path masks, replayed by the recomputation
+        with auxiliary_losses(model) as aux:
+            out = model(x)
+            penalty = aux.total()
+        (out.logsumexp(1).mean() + penalty).backward()
+        runs.append((out, penalty, [p.grad for p in model.parameters()]))
+    assert len(calls) == 18  # each block once (the first and the 17 gated); each decision recorded once
+    (out0, penalty0, grads0), (out1, penalty1, grads1) = runs
+    assert torch.equal(out0, out1) and torch.equal(penalty0, penalty1)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads0, grads1))
 
 
 MOCO_DIGITS = [

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, refused, two_gloo_processes
 
+from selfsup.backbones.hooks import auxiliary_losses
 from selfsup.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from selfsup.compress import cli
 from selfsup.compress.pipeline import run
@@ -86,8 +87,11 @@ def test_pruning_reaches_the_target_macs_and_the_model_still_trains(spec, steps)
         count(model, x) == (result.macs_after, result.params_after)
         and result.params_after < result.params_before
     )
-    out = model.train()(x)  # training mode: SkipNet's gates pass gradients (straight-through)
-    out.sum().backward()
+    model.train()  # training mode: SkipNet's gates pass gradients (straight-through)
+    with auxiliary_losses(model) as aux:
+        out = model(x)
+        extra = aux.total()  # SkipNet's compute penalty, None for the others
+    (out.sum() if extra is None else out.sum() + extra).backward()
     assert out.shape == (2, 10) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
     if spec is VIT:
         for block in model.blocks:  # whole heads leave: the attention's attributes follow the qkv

@@ -215,3 +215,16 @@ def test_norm_statistics_need_batchnorm():
     h = cnn[0](x)
     expected = cnn[3](cnn[2](F.batch_norm(h, None, None, cnn[1].weight, cnn[1].bias, training=True)))
     assert torch.allclose(adapter(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tent", "eata", "sar", "memo"])
+def test_a_skipnet_adapts_with_its_gates_in_eval_mode(name):
+    """Test-time mode keeps SkipNet's gates in eval mode: they skip per sample and record no training
+    penalty, so the adapters need no auxiliary_losses() scope (a training forward would raise)."""
+    torch.manual_seed(0)
+    model = create_backbone(BackboneSpec("skip_resnet38", 32, pos_embed="learned"), 10)
+    before = state(model)
+    adapter = ADAPTERS[name](model)
+    adapter(batch(4))
+    assert not any(block.training for block in model.gated_blocks())
+    assert adapter.backwards >= 1 and (name == "memo" or not same(state(model), before))

@@ -13,8 +13,6 @@ import copy
 import torch
 from torch import nn
 
-from selfsup.backbones.hooks import auxiliary_loss
-
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
@@ -91,12 +89,10 @@ class Adapter:
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # every method runs the model in eval mode (BatchNorm aside), so a backbone's training term
+        # (SkipNet's compute penalty) is never recorded: it is no part of TTA's objectives
         self.forwards += 1
-        logits = self.model(images)
-        auxiliary_loss(
-            self.model
-        )  # a backbone's training term (SkipNet's penalty) is no part of TTA's objectives
-        return logits
+        return self.model(images)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.backwards += 1

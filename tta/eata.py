@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.backbones.hooks import auxiliary_loss
 from selfsup.tta.adapter import (
     Adapter,
     adapted_norms,
@@ -40,8 +39,7 @@ def fisher_information(
     count = 0
     with torch.enable_grad():
         for images in clean_batches:
-            logits = model(images)
-            auxiliary_loss(model)  # dropped: not part of the Fisher (see Adapter.forward)
+            logits = model(images)  # in test-time mode: no backbone term recorded (see Adapter.forward)
             loss = F.cross_entropy(logits, logits.argmax(1))
             grads = torch.autograd.grad(loss, params)
             for f, g in zip(fishers, grads):

@@ -9,7 +9,8 @@ gradient through the decision):
   pooled-feature gate costs a few hundred MACs instead.)
 * training: the forward pass uses the hard decision, the backward pass the sigmoid's gradient
   (straight-through, the paper's supervised stage), and a compute penalty ``skip_penalty`` x (the
-  share of gated blocks executed) joins the loss through :func:`selfsup.backbones.hooks.auxiliary_loss`.
+  share of gated blocks executed) joins the loss through :func:`selfsup.backbones.hooks.auxiliary_losses`,
+  the scope every training forward runs in (one outside it raises: the penalty cannot be forgotten).
   The paper's second stage (REINFORCE on the gates) is not built.
 * inference: a skipped block does no work: only the samples whose gate opened go through it (a
   skipped downsampling block still applies its 1x1 shortcut, as in the official code).
@@ -18,7 +19,10 @@ gradient through the decision):
   runs and the gate selects its output or the shortcut (the same outputs, no savings).
 
 Every block except the network's first is gated, as in the official code. Written by hand: no
-maintained library has per-sample skipping with trainable gates.
+maintained library has per-sample skipping with trainable gates. The network has timm's model API
+(``forward_head(pre_logits=)``, ``reset_classifier``, ``global_pool`` through timm's
+``create_classifier``, ``set_grad_checkpointing``: each block's convolutions are recomputed in the
+backward pass, the gates are not, so every decision is recorded once).
 
 Models: ``skip_resnet110`` (the paper's CIFAR SkipNet-110: 3 groups of 18 BasicBlocks, 16-32-64
 channels) and ``skip_resnet38`` (6 blocks per group, CPU-sized).
@@ -28,8 +32,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, create_classifier
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from torch import nn
 
 from selfsup.backbones.cfgs import timm_cfg
@@ -38,6 +42,7 @@ from selfsup.backbones.cfgs import timm_cfg
 class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
+        self.grad_checkpointing = False
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
@@ -52,9 +57,14 @@ class BasicBlock(nn.Module):
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downsample is None else self.downsample(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.drop_path(self.bn2(self.conv2(out))) + self.shortcut(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(self.residual, x)  # the RNG state is replayed: the same drop-path mask
+        return self.residual(x)
 
 
 class GatedBlock(nn.Module):
@@ -71,9 +81,18 @@ class GatedBlock(nn.Module):
             nn.Linear(hidden, 1),
         )
         nn.init.constant_(self.gate[-1].bias, open_bias)  # start with every block open (p = 0.88)
-        self.decisions: list[torch.Tensor] = []  # this step's straight-through gates (training)
+        # this step's straight-through gates (training); None outside an auxiliary_losses() scope
+        self.decisions: list[torch.Tensor] | None = None
         self.executed = 0  # samples that ran the block, in eval mode
         self.seen = 0
+
+    def _record(self, decision: torch.Tensor) -> None:
+        if self.decisions is None:
+            raise RuntimeError(
+                "a SkipNet training forward outside `with selfsup.backbones.hooks.auxiliary_losses(model) "
+                "as aux`: its compute penalty would never reach the loss (add aux.total() to it)"
+            )
+        self.decisions.append(decision)
 
     def open_probability(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.gate(x)).squeeze(1)
@@ -84,7 +103,7 @@ class GatedBlock(nn.Module):
         if self.training:
             g = hard + p - p.detach()  # straight-through: hard forward, sigmoid backward
             if torch.is_grad_enabled():
-                self.decisions.append(g)
+                self._record(g)
             skip = self.block.shortcut(x)
             return skip + g.view(-1, 1, 1, 1) * (self.block(x) - skip)
         if torch.compiler.is_exporting():  # ONNX/torch.export: no data-dependent shapes; every block runs
@@ -126,11 +145,9 @@ class SkipResNet(nn.Module):
                 layers.append(block if first else GatedBlock(block, channels))
                 channels = width
         self.layers = nn.Sequential(*layers)
-        self.num_features = self.head_hidden_size = channels
-        self.global_pool = global_pool
+        self.num_features = channels
         self.drop_rate = drop_rate
-        self.num_classes = num_classes
-        self.fc = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
+        self.reset_classifier(num_classes, global_pool)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -138,12 +155,32 @@ class SkipResNet(nn.Module):
     def gated_blocks(self) -> list[GatedBlock]:
         return [m for m in self.layers if isinstance(m, GatedBlock)]
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        return "fc" if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head (none for ``num_classes=0``: the pooled features); ``global_pool`` as timm's
+        ``SelectAdaptivePool2d`` (``avg``, ``max``, ``avgmax``, ``catavgmax``, ``''`` = the feature
+        map), the current one kept when ``None``."""
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Nothing beyond timm's rule for 1-D parameters (biases, BatchNorm): the official code decays
+        every weight, the gates' included."""
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's convolutions in the backward pass (not the gates: see the module docstring)."""
+        for module in self.layers.modules():
+            if isinstance(module, BasicBlock):
+                module.grad_checkpointing = enable
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -153,22 +190,37 @@ class SkipResNet(nn.Module):
         return self.layers(F.relu(self.bn1(self.conv1(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3))
+        x = self.global_pool(x)
         x = F.dropout(x, self.drop_rate, self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def take_auxiliary_loss(self) -> torch.Tensor | None:
-        """``skip_penalty`` x the share of gated blocks executed in this step's forward passes (with
-        gradients through the straight-through gates); clears the record."""
-        decisions = [g for block in self.gated_blocks() for g in block.decisions]
+    def open_auxiliary_loss(self) -> None:
+        """Start recording the gates' training decisions (see :func:`selfsup.backbones.hooks.auxiliary_losses`)."""
         for block in self.gated_blocks():
+            if block.decisions is not None:
+                raise RuntimeError("auxiliary_losses() scopes on one SkipNet cannot nest")
             block.decisions = []
+
+    def take_auxiliary_loss(self) -> torch.Tensor | None:
+        """``skip_penalty`` x the share of gated blocks executed in the forward passes since the last
+        take (with gradients through the straight-through gates); clears the record."""
+        decisions = [g for block in self.gated_blocks() for g in block.decisions or ()]
+        for block in self.gated_blocks():
+            block.decisions = [] if block.decisions is not None else None
         if not decisions or not self.skip_penalty:
             return None
         return self.skip_penalty * torch.cat(decisions).mean()
+
+    def close_auxiliary_loss(self) -> bool:
+        """Stop recording; whether decisions were left untaken."""
+        blocks = self.gated_blocks()
+        pending = any(block.decisions for block in blocks)
+        for block in blocks:
+            block.decisions = None
+        return pending
 
     def reset_usage(self) -> None:
         for block in self.gated_blocks():
