@@ -31,7 +31,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from selfsup.accel import released
-from selfsup.checkpoint import CheckpointMeta, save_checkpoint, timm_call
+from selfsup.checkpoint import CheckpointMeta, inherited_source, save_checkpoint, source_line, timm_call
 from selfsup.classifier import ClassifierStep, Distillation
 from selfsup.config import to_dict
 from selfsup.finetune.model import (
@@ -193,6 +193,8 @@ def _facts(config: FinetuneConfig, start: Start, pipeline: Pipeline) -> list[str
         facts.append(f"**{low_res_note(spec.img_size, spec.patch_size)}.**")
     if config.distill.teacher:
         facts.append(f"Distilled from {config.distill.teacher} ({config.distill.kind}).")
+    if line := source_line(inherited_source(config.checkpoint, start.parent_sha256)):
+        facts.append(line)  # weights imported from a released file
     return facts
 
 
@@ -312,6 +314,7 @@ class FinetuneRun:
             class_names=list(info.classes),
             config=to_dict(self.config),
             parent_sha256=start.parent_sha256,
+            source=inherited_source(self.config.checkpoint, start.parent_sha256),  # an imported file
         )
         crop = eval_crop_pct(start.spec.img_size, info.image_size)  # the crop validation used
         return save_checkpoint(self.out / name, weights.state_dict(), meta, weights, crop_pct=crop)

@@ -33,7 +33,8 @@ from selfsup.models import BackboneSpec, create_backbone, is_vit, timm_pretraine
 from selfsup.shapes import apply_shapes
 from selfsup.transforms import is_low_res
 
-FORMAT_VERSION = 4  # 2: the `timm` section (stock-timm rebuild recipe); 3: parent_sha256; 4: shapes
+# 2: the `timm` section (stock-timm rebuild recipe); 3: parent_sha256; 4: shapes; 5: source (an imported file)
+FORMAT_VERSION = 5
 # classifier heads in timm's models: ViTs (a distilled DeiT has two), ConvNeXt (head.fc), ResNets, EfficientNets
 HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
 
@@ -74,10 +75,28 @@ class CheckpointMeta:
     # modules whose sizes differ from the architecture's (a structurally pruned model): see
     # selfsup.shapes; applied before the weights load, with plain torch
     shapes: dict[str, Any] = field(default_factory=dict)
+    # the released file the weights were imported from (selfsup.weights): {"format", "file", "sha256",
+    # ...}; kept by every checkpoint trained from it, {} for weights this project pretrained
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> BackboneSpec:
         return BackboneSpec.from_dict(self.backbone)
+
+
+def inherited_source(path: str | Path | None, parent_sha256: str) -> dict[str, Any]:
+    """The imported file that the checkpoint at ``path`` descends from, for a checkpoint trained from
+    it (``parent_sha256`` set: its weights were used); ``{}`` otherwise."""
+    return dict(read_meta(path).source) if path and parent_sha256 else {}
+
+
+def source_line(source: dict[str, Any]) -> str:
+    """The imported file in one sentence, for reports (``""`` without one)."""
+    if not source:
+        return ""
+    encoder = f", {source['encoder']} encoder" if source.get("encoder") else ""
+    digest = f", SHA-256 {source['sha256'][:12]}" if source.get("sha256") else ""
+    return f"Weights imported from {source['file']} ({source['format']}{encoder}{digest})."
 
 
 def sidecar_path(path: str | Path) -> Path:
