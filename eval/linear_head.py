@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from selfsup.accel import threads_for
+from selfsup.config import setting
 from selfsup.errors import UsageError
 from selfsup.eval.logreg import LinearProbeResult
 from selfsup.metrics import check_finite, topk_accuracy
@@ -108,13 +109,13 @@ PROTOCOLS: dict[str, HeadProtocol] = {"mocov3": MOCOV3, "mae": MAE}
 class LinearHeadConfig:
     """Overrides of the chosen protocol (``None``: the protocol's own value) and run options."""
 
-    epochs: int | None = None
-    batch_size: int | None = None
-    base_lr: float | None = None  # per 256 samples
-    warmup_epochs: int | None = None  # mae only
-    weight_decay: float | None = None
+    epochs: int | None = setting(None, ge=1)
+    batch_size: int | None = setting(None, ge=1)
+    base_lr: float | None = setting(None, gt=0)  # per 256 samples
+    warmup_epochs: int | None = setting(None, ge=0)  # mae only
+    weight_decay: float | None = setting(None, ge=0)
     augment: bool = False  # train on RandomResizedCrop + flip views through the frozen backbone
-    seed: int = 0
+    seed: int = setting(0, ge=0)
     device: str = "auto"  # auto: cuda when available
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from selfsup.accel import threads_for
+from selfsup.config import setting
 from selfsup.metrics import check_finite, topk_accuracy
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
@@ -40,11 +41,11 @@ class LogRegConfig:
     features.
     """
 
-    cs: tuple[float, ...] = DEFAULT_CS
-    val_fraction: float = 0.2
-    max_iter: int = 1000
-    patience: int = 2
-    seed: int = 0
+    cs: tuple[float, ...] = setting(DEFAULT_CS, gt=0, nonempty=True)
+    val_fraction: float = setting(0.2, gt=0, lt=1)
+    max_iter: int = setting(1000, ge=1)
+    patience: int = setting(2, ge=1)
+    seed: int = setting(0, ge=0)
 
 
 @dataclass

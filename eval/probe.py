@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from selfsup.accel import make_accelerator
+from selfsup.config import setting
 from selfsup.data import DataOptions, DatasetInfo, build_dataset
 from selfsup.errors import UsageError
 from selfsup.eval.augment import probe_augmented_batches
@@ -46,20 +47,20 @@ class ProbeConfig:
     compare_random_init: bool = False
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     feature: str = "cls"
-    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
-    temperature: float = 0.07
+    ks: list[int] = setting(factory=lambda: list(DEFAULT_KS), ge=1, nonempty=True)
+    temperature: float = setting(0.07, gt=0)
     knn_backend: Literal["auto", "faiss-gpu", "faiss-cpu", "torch"] = "auto"
     # auto: exact below 2 M training rows (knn.py)
     knn_index: Literal["auto", "flat", "ivf", "ivfpq"] = "auto"
     linear_protocol: Literal["sklearn", "mocov3", "mae"] = "sklearn"
     logreg: LogRegConfig = field(default_factory=LogRegConfig)
     linear_head: LinearHeadConfig = field(default_factory=LinearHeadConfig)
-    img_size: int | None = None
-    patch_size: int | None = None
-    batch_size: int = 256
-    num_workers: int = 2
+    img_size: int | None = setting(None, ge=1)
+    patch_size: int | None = setting(None, ge=1)
+    batch_size: int = setting(256, ge=1)
+    num_workers: int = setting(2, ge=0)
     mixed_precision: Precision = "auto"  # of the frozen features
-    seed: int = 0  # random-init baselines
+    seed: int = setting(0, ge=0)  # random-init baselines
     cache_dir: str | None = None  # None: $SELFSUP_CACHE/features or ~/.cache/selfsup/features
     no_cache: bool = False
     data: DataOptions = field(default_factory=DataOptions)

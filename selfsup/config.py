@@ -238,13 +238,15 @@ class Rule:
             return None
         if isinstance(value, float) and not math.isfinite(value):
             return "a finite number" + ("" if self.expected() == "valid" else f" {self.expected()}")
-        inside = (
+        return None if self._inside(value) else self.expected()
+
+    def _inside(self, value: float) -> bool:
+        return (
             (self.gt is None or value > self.gt)
             and (self.ge is None or value >= self.ge)
             and (self.lt is None or value < self.lt)
             and (self.le is None or value <= self.le)
         )
-        return None if inside else self.expected()
 
 
 def _end(strict: float | None, loose: float | None) -> tuple[str, bool] | None:

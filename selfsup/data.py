@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import find_classes
 
 from selfsup.builtin_data import ArrayImages, channel_stats, digits_arrays, stratified_split, synthetic_arrays
+from selfsup.config import setting
 from selfsup.errors import UsageError
 from selfsup.imagefolder import (
     CorruptLog,
@@ -61,12 +62,12 @@ class DataOptions:
     download: bool = False
     strict: bool = False
     on_corrupt: Literal["drop", "replace"] = "drop"
-    val_fraction: float = 0.1
-    seed: int = 0
+    val_fraction: float = setting(0.1, gt=0, lt=1)
+    seed: int = setting(0, ge=0)
     shuffle: bool = False  # only for streaming shards, whose order is set by the reader
-    synthetic_size: int = 256  # images per split of the synthetic dataset
-    synthetic_classes: int = 4
-    synthetic_image_size: int = 32
+    synthetic_size: int = setting(256, ge=1)  # images per split of the synthetic dataset
+    synthetic_classes: int = setting(4, ge=1)
+    synthetic_image_size: int = setting(32, ge=1)
     # False where labels are not used (pretraining): an image folder with a single class is then accepted
     need_labels: bool = True
     # False: the train split of a folder without val/ is every image (pretraining on all of it);

@@ -17,6 +17,7 @@ Backbones are created without a classifier (``num_classes=0``) unless asked; sta
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from timm.models.vision_transformer import init_weights_vit_moco
 from torch import nn
 
 import selfsup.architectures  # noqa: F401  (registers BoTNet, T2T-ViT, DynamicConv, SkipNet with timm)
+from selfsup.config import setting
 from selfsup.errors import UsageError
 
 PosEmbed = Literal["learned", "sincos"]
@@ -50,13 +52,13 @@ class BackboneSpec:
     """
 
     arch: str = "moco_vit_small"
-    img_size: int = 224
-    patch_size: int | None = None
-    num_heads: int | None = None
+    img_size: int = setting(224, ge=1)
+    patch_size: int | None = setting(None, ge=1)
+    num_heads: int | None = setting(None, ge=1)
     pos_embed: PosEmbed = "sincos"
     frozen_patch_embed: bool = False
     init: Init = "timm"
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = setting(0.0, ge=0, lt=1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +87,20 @@ def _timm_kwargs(spec: BackboneSpec) -> tuple[str, dict[str, Any]]:
         kwargs["drop_path_rate"] = spec.drop_path_rate
     kwargs.update(spec.extra)
     return name, kwargs
+
+
+def patch_grid_problem(spec: BackboneSpec) -> str | None:
+    """Why a ViT's ``img_size`` does not tile into whole patches (timm would drop the remainder
+    silently), or None. The patch size is the spec's, else the one the timm name states (``patch16``)."""
+    name, kwargs = _timm_kwargs(spec)
+    found = re.search(r"patch(\d+)", name)
+    patch = kwargs.get("patch_size") or (int(found.group(1)) if found else None)
+    if "img_size" not in kwargs or not patch or spec.img_size % patch == 0:
+        return None
+    return (
+        f"image size {spec.img_size} is not a multiple of {spec.arch}'s patch size {patch}: the patch grid "
+        f"would drop the last {spec.img_size % patch} px; pick a size that is (e.g. {spec.img_size // patch * patch or patch})"
+    )
 
 
 def create_backbone(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from selfsup.config import setting
 from selfsup.errors import UsageError
 from selfsup.files import atomic_write_bytes, disk_errors_at
 
@@ -314,14 +315,14 @@ class RunKeys:
     resume: str = "auto"  # "auto": latest checkpoint in `out` if any; "never"; or a checkpoint folder
     # continue a checkpoint even though recipe settings changed (listed in a warning)
     force_resume: bool = False
-    max_steps: int | None = None  # stop early (the schedules still span the epochs)
-    save_every_steps: int = 0  # 0: off
-    save_every_epochs: int = 1
-    keep_checkpoints: int = 2
-    log_every: int = 1  # steps between log.jsonl records
+    max_steps: int | None = setting(None, ge=1)  # stop early (the schedules still span the epochs)
+    save_every_steps: int = setting(0, ge=0)  # 0: off
+    save_every_epochs: int = setting(1, ge=0)
+    keep_checkpoints: int = setting(2, ge=1)
+    log_every: int = setting(1, ge=1)  # steps between log.jsonl records
     log_with: Literal["none", "tensorboard"] = "none"
     progress_bar: bool = True
-    max_nan_steps: int = 5  # this many non-finite losses in a row stop the run
+    max_nan_steps: int = setting(5, ge=1)  # this many non-finite losses in a row stop the run
 
 
 RUN_KEYS = frozenset(

@@ -22,8 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from selfsup.config import setting
 from selfsup.errors import UsageError
-from selfsup.models import BackboneSpec
+from selfsup.models import BackboneSpec, patch_grid_problem
 from selfsup.precision import Precision
 from selfsup.runstate import RUN_KEYS, RunKeys, check_run_settings
 
@@ -36,42 +37,45 @@ def _paper_backbone() -> BackboneSpec:
 
 @dataclass
 class MocoSettings:
-    dim: int = 256
-    mlp_dim: int = 4096
-    proj_layers: int | None = None  # None: 3 for ViTs, 2 for ResNets
-    pred_layers: int = 2
-    temperature: float | None = None  # null: 0.2 for ViTs, 1.0 for convolutional backbones
-    momentum: float = 0.99  # m0, raised to 1 by a half-cycle cosine when momentum_cosine
+    dim: int = setting(256, ge=1)
+    mlp_dim: int = setting(4096, ge=1)
+    proj_layers: int | None = setting(None, ge=1)  # None: 3 for ViTs, 2 for ResNets
+    pred_layers: int = setting(2, ge=1)
+    temperature: float | None = setting(None, gt=0)  # null: 0.2 for ViTs, 1.0 for convolutional backbones
+    momentum: float = setting(0.99, ge=0, le=1)  # m0, raised to 1 by a half-cycle cosine when momentum_cosine
     momentum_cosine: bool = True
 
 
 @dataclass
 class OptimSettings:
     name: Literal["auto", "adamw", "lars"] = "auto"  # auto: AdamW for ViTs, LARS for convolutional backbones
-    base_lr: float | None = None  # per 256 images: lr = base_lr × batch_size / 256 (null: 1.5e-4 / 0.6)
-    weight_decay: float | None = None  # null: 0.1 (ViT) / 1e-6 (conv)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
-    momentum: float = 0.9  # LARS's
-    warmup_epochs: float | None = None  # null: 40 (ViT) / 10 (conv)
-    clip_grad: float | None = None  # max gradient norm; the official code does not clip
+    # per 256 images: lr = base_lr × batch_size / 256 (null: 1.5e-4 / 0.6)
+    base_lr: float | None = setting(None, gt=0)
+    weight_decay: float | None = setting(None, ge=0)  # null: 0.1 (ViT) / 1e-6 (conv)
+    betas: tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)  # AdamW's
+    momentum: float = setting(0.9, ge=0, lt=1)  # LARS's
+    warmup_epochs: float | None = setting(None, ge=0)  # null: 40 (ViT) / 10 (conv)
+    clip_grad: float | None = setting(None, gt=0)  # max gradient norm; the official code does not clip
 
 
 @dataclass
 class AugmentSettings:
     """BYOL's two asymmetric views (lightly's BYOLView1/2Transform defaults are these values)."""
 
-    min_scale: float | None = None  # random resized crop's lower scale; null: 0.08 (ViT) / 0.2 (conv)
-    blur_prob: tuple[float, float] = (1.0, 0.1)
+    # random resized crop's lower scale; null: 0.08 (ViT) / 0.2 (conv)
+    min_scale: float | None = setting(None, gt=0, le=1)
+    blur_prob: tuple[float, float] = setting((1.0, 0.1), ge=0, le=1)
     # Blur sigma range in pixels of a `blur_reference_size`-wide image, scaled to the input size:
     # BYOL's (0.1, 2.0) at 224 px is (0.014, 0.29) px at 32 px, the same blur relative to the image.
     # null reference: the sigmas are absolute pixels.
-    blur_sigmas: tuple[float, float] = (0.1, 2.0)
-    blur_reference_size: int | None = 224
-    solarize_prob: tuple[float, float] = (0.0, 0.2)
-    jitter_prob: float = 0.8
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    gray_prob: float = 0.2
-    flip_prob: float = 0.5
+    blur_sigmas: tuple[float, float] = setting((0.1, 2.0), gt=0)
+    blur_reference_size: int | None = setting(224, ge=1)
+    solarize_prob: tuple[float, float] = setting((0.0, 0.2), ge=0, le=1)
+    jitter_prob: float = setting(0.8, ge=0, le=1)
+    # brightness, contrast, saturation, hue
+    jitter: tuple[float, float, float, float] = setting((0.4, 0.4, 0.2, 0.1), ge=0)
+    gray_prob: float = setting(0.2, ge=0, le=1)
+    flip_prob: float = setting(0.5, ge=0, le=1)
 
 
 @dataclass
@@ -83,39 +87,38 @@ class PretrainConfig(RunKeys):
     moco: MocoSettings = field(default_factory=MocoSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
-    epochs: int = 300
-    batch_size: int = 4096  # global, split evenly over the processes
-    seed: int = 0
-    num_workers: int = 8  # DataLoader workers per process
-    threads: int | None = None  # torch threads per process; 1 keeps a shared CPU from thrashing
+    epochs: int = setting(300, ge=1)
+    batch_size: int = setting(4096, ge=1)  # global, split evenly over the processes
+    seed: int = setting(0, ge=0)
+    num_workers: int = setting(8, ge=0)  # DataLoader workers per process
+    # torch threads per process; 1 keeps a shared CPU from thrashing
+    threads: int | None = setting(None, ge=1)
     # auto: bf16 where native (GPU, AVX-512 BF16/AMX)
     mixed_precision: Precision = "auto"
-    val_fraction: float = 0.1  # share of a folder without val/ held out when hold_out_val (monitor queries)
+    # share of a folder without val/ held out when hold_out_val (monitor queries)
+    val_fraction: float = setting(0.1, gt=0, lt=1)
     # false: pretrain on every training image (a folder without val/ loses none to a hold-out; the
     # monitor then queries a held-out sample that pretraining also saw, without its labels).
     # true: carve val_fraction off and never pretrain on it (for measuring probes on unseen images).
     hold_out_val: bool = False
-    length_per_epoch: int | None = None  # samples per epoch; required for WebDataset shards
-    synthetic_size: int = 256
-    synthetic_classes: int = 4
+    length_per_epoch: int | None = setting(None, ge=1)  # samples per epoch; required for WebDataset shards
+    synthetic_size: int = setting(256, ge=1)
+    synthetic_classes: int = setting(4, ge=1)
     # run management: resume, saves, logging and the NaN policy are selfsup.runstate.RunKeys
-    monitor_every: int = 0  # epochs between kNN monitors; 0: off
+    monitor_every: int = setting(0, ge=0)  # epochs between kNN monitors; 0: off
     monitor_at_start: bool = True
-    monitor_train_size: int = 2000
-    monitor_val_size: int = 1000
-    monitor_k: int = 20
+    monitor_train_size: int = setting(2000, ge=1)
+    monitor_val_size: int = setting(1000, ge=1)
+    monitor_k: int = setting(20, ge=1)
     export_only: bool = False  # export the backbone of the latest checkpoint in `out`, no training
 
     def __post_init__(self) -> None:
         check_run_settings(self, {"monitor_every": 0})
-        for key, value in (
-            ("optim.base_lr", self.optim.base_lr),
-            ("moco.temperature", self.moco.temperature),
-        ):
-            if value is not None and value <= 0:
-                raise UsageError(f"{key} must be positive (or null for the backbone's recipe), got {value}")
-        if not 0 <= self.moco.momentum <= 1:
-            raise UsageError(f"moco.momentum must lie in [0, 1], got {self.moco.momentum}")
+        problem = patch_grid_problem(self.model)
+        if problem:
+            raise UsageError(
+                f"model.img_size={self.model.img_size}: {problem} (model.patch_size sets the patch)"
+            )
 
 
 # Settings that may differ between a checkpoint and the run that resumes it: the shared run keys

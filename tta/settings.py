@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from selfsup.config import setting
 from selfsup.errors import UsageError
 from selfsup.precision import Precision
 from selfsup.tta.benchmark import PROTOCOLS
@@ -18,19 +19,19 @@ METHODS = ("source", "norm", "tent", "eta", "eata", "sar", "memo")
 
 @dataclass
 class EataSettings:
-    e_margin_coeff: float = 0.4  # E0 = coeff x ln C
+    e_margin_coeff: float = setting(0.4, gt=0)  # E0 = coeff x ln C
     # redundancy: |cosine| to the mean prediction at or above this is dropped; null: the reference's
     # value for the class count, 0.05 for ImageNet's 1,000 classes and 0.4 for CIFAR-10 (used below 1,000)
-    d_margin: float | None = None
-    fisher_alpha: float = 2000.0
-    fisher_size: int = 2000  # clean images for the Fisher information (the set's clean.npy)
+    d_margin: float | None = setting(None, gt=0, le=1)
+    fisher_alpha: float = setting(2000.0, ge=0)
+    fisher_size: int = setting(2000, ge=1)  # clean images for the Fisher information (the set's clean.npy)
 
 
 @dataclass
 class SarSettings:
-    rho: float = 0.05
-    e_margin_coeff: float = 0.4
-    reset_below: float = 0.2  # model recovery when the loss EMA falls below this
+    rho: float = setting(0.05, gt=0)
+    e_margin_coeff: float = setting(0.4, gt=0)
+    reset_below: float = setting(0.2, ge=0)  # model recovery when the loss EMA falls below this
 
 
 @dataclass
@@ -38,9 +39,9 @@ class MemoSettings:
     # null: the reference's for the images' size: CIFAR (<= 64 px) SGD lr 0.005, no weight decay, 32
     # views; ImageNet ViT-like models AdamW lr 1e-5, weight decay 0.01, 64 views
     optimizer: Literal["sgd", "adamw"] | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    views: int | None = None
+    lr: float | None = setting(None, gt=0)
+    weight_decay: float | None = setting(None, ge=0)
+    views: int | None = setting(None, ge=2)  # a marginal over views
 
 
 @dataclass
@@ -50,20 +51,20 @@ class TTAConfig:
     data_root: str | None = None
     methods: list[str] = field(default_factory=lambda: ["source", "tent", "eata", "sar"])
     protocol: Literal["reset", "continual", "mixed"] = "reset"
-    severity: int = 5
+    severity: int = setting(5, choices=(1, 2, 3, 4, 5))
     corruptions: list[str] | None = None  # null: the benchmark's 15 that the set holds, in canonical order
-    batch_size: int = 64
-    lr: float | None = None  # null: 0.001 / 64 x batch_size (Tent/ETA/EATA/SAR)
-    steps: int = 1  # Tent's steps per batch
-    limit: int | None = None  # first N test images of each corruption (in the seeded order)
-    seed: int = 0
+    batch_size: int = setting(64, ge=1)
+    lr: float | None = setting(None, gt=0)  # null: 0.001 / 64 x batch_size (Tent/ETA/EATA/SAR)
+    steps: int = setting(1, ge=1)  # Tent's steps per batch
+    limit: int | None = setting(None, ge=1)  # first N test images of each corruption (in the seeded order)
+    seed: int = setting(0, ge=0)
     eata: EataSettings = field(default_factory=EataSettings)
     sar: SarSettings = field(default_factory=SarSettings)
     memo: MemoSettings = field(default_factory=MemoSettings)
     # auto: bf16 where native, as every stage; fp16 is refused (entropy gradients underflow in it
     # and the adaptation steps take no loss scaler)
     mixed_precision: Precision = "auto"
-    threads: int | None = None
+    threads: int | None = setting(None, ge=1)
     out: str = "runs/tta"
 
     def __post_init__(self) -> None:
@@ -71,9 +72,7 @@ class TTAConfig:
         self._check_adaptation()
 
     def _check_benchmark(self) -> None:
-        """What is measured: the severity, methods, protocol and images."""
-        if self.severity not in (1, 2, 3, 4, 5):
-            raise UsageError(f"severity must be 1, 2, 3, 4 or 5, got {self.severity}")
+        """What is measured: the methods and protocol (each number has its rule above)."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise UsageError(
@@ -81,22 +80,14 @@ class TTAConfig:
             )
         if self.protocol not in PROTOCOLS:
             raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol}")
-        if self.limit is not None and self.limit < 1:
-            raise UsageError(f"limit must be at least 1 or null (all images), got {self.limit}")
 
     def _check_adaptation(self) -> None:
-        """How the methods adapt: batch, learning rate, arithmetic, MEMO's views."""
-        if self.batch_size < 1:
-            raise UsageError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.lr is not None and self.lr <= 0:
-            raise UsageError(f"lr must be positive or null (the ViT default), got {self.lr}")
+        """How the methods adapt: the arithmetic."""
         if self.mixed_precision == "fp16":
             raise UsageError(
                 "tta does not adapt in fp16 (entropy gradients underflow and its steps take no loss "
                 "scaler): use mixed_precision=bf16, auto or no"
             )
-        if self.memo.views is not None and self.memo.views < 2:
-            raise UsageError(f"memo.views must be at least 2 (a marginal over views), got {self.memo.views}")
 
     @property
     def entropy_lr(self) -> float:
