@@ -31,7 +31,7 @@ from selfsup.errors import UsageError
 from selfsup.files import atomic_write_bytes
 from selfsup.models import BackboneSpec, create_backbone, is_vit, timm_pretrained_cfg, timm_rebuild_args
 from selfsup.shapes import apply_shapes
-from selfsup.transforms import is_low_res
+from selfsup.transforms import eval_crop_pct
 
 # 2: the `timm` section (stock-timm rebuild recipe); 3: parent_sha256; 4: shapes; 5: source (an imported file)
 FORMAT_VERSION = 5
@@ -118,13 +118,13 @@ def save_checkpoint(
     """Save tensors and sidecar; returns the ``.safetensors`` path. Weights first, then the sidecar.
 
     With ``model``, the sidecar also records how stock timm rebuilds it (:func:`timm_call`), with
-    the evaluation crop ``crop_pct`` the producing stage used (default: small images are used
-    whole, larger ones centre-cropped to 0.875, as :func:`selfsup.transforms.eval_crop_pct`).
+    the evaluation crop ``crop_pct`` the producing stage used (default:
+    :func:`selfsup.transforms.eval_crop_pct` of the model's input size).
     """
     target = weights_path(path)
     if model is not None:
         name, kwargs = timm_rebuild_args(model, meta.spec, meta.num_classes)
-        crop = crop_pct if crop_pct is not None else (1.0 if is_low_res(meta.img_size) else 0.875)
+        crop = crop_pct if crop_pct is not None else eval_crop_pct(meta.img_size)
         meta.timm = {
             "model_name": name,
             "kwargs": kwargs,
@@ -163,7 +163,7 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         data = json.loads(side.read_text())
         meta = CheckpointMeta(**data)
         meta.spec  # noqa: B018  (an unknown backbone field fails here, with the sidecar named)
-    except (json.JSONDecodeError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # ValueError: bad JSON or not text (UnicodeDecodeError)
         raise UsageError(f"checkpoint sidecar {side} is not a selfsup sidecar ({err})") from None
     if meta.format_version > FORMAT_VERSION:
         raise UsageError(f"{side} has format version {meta.format_version}; upgrade selfsup to read it")

@@ -18,8 +18,11 @@ def is_low_res(size: int) -> bool:
 
 def eval_crop_pct(img_size: int, native_size: int | None = None) -> float:
     """The centre-crop share: 1 (no crop) for images no larger than the model's input (CIFAR,
-    digits: used whole, also when upsampled), timm's ImageNet default of 0.875 otherwise."""
-    return 1.0 if native_size is not None and native_size <= img_size else 0.875
+    digits: used whole, also when upsampled), timm's ImageNet default of 0.875 otherwise. Without
+    the images' size (a checkpoint's sidecar written without it), the low-resolution rule decides."""
+    if native_size is None:
+        return 1.0 if is_low_res(img_size) else 0.875
+    return 1.0 if native_size <= img_size else 0.875
 
 
 def eval_transform(
