@@ -8,22 +8,35 @@ descriptor closes, so a killed run never blocks its own resume. The descriptor i
 children (DataLoader workers), which would otherwise keep the lock of a killed main process alive.
 
 A process may claim a folder it already holds (a second in-process run); :func:`release` ends the
-claim. The lock file stays: deleting it would let two runs lock two different files of one name.
+claim and puts the lock file back as the claim found it (its bytes and modification time), so a run
+refused after its claim (another recipe, other classes) leaves the folder unchanged; a killed run
+leaves its line, which the next holder overwrites. The lock file stays: deleting it would let two
+runs lock two different files of one name.
 See flock(2); the lock works on local disks and on NFS (Linux emulates it with byte-range locks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from selfsup.errors import UsageError
 
 LOCK_FILE = ".lock"
 
-_held: dict[Path, int] = {}  # the folders this process holds, and their lock file descriptors
+
+@dataclass
+class _Hold:
+    fd: int  # the lock file's descriptor: the lock lives as long as it is open
+    found: bytes  # the file's content before the claim, and its (access, modification) times
+    times: tuple[int, int]
+
+
+_held: dict[Path, _Hold] = {}  # the folders this process holds
 
 
 def _key(out: str | Path) -> Path:
@@ -55,23 +68,32 @@ def claim(out: str | Path) -> None:
             f"out={out} is in use by another run ({who}); wait for it to end or stop it, "
             "or choose another out=..."
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-    _held[key] = fd
+    found = os.fstat(fd)
+    _held[key] = _Hold(fd, os.pread(fd, found.st_size, 0), (found.st_atime_ns, found.st_mtime_ns))
+    _write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
 
 
 def release(out: str | Path) -> None:
     """End this process's hold on ``out`` (nothing if it holds none)."""
-    fd = _held.pop(_key(out), None)
-    if fd is not None:
-        os.close(fd)  # the last descriptor of the lock: the OS drops the lock
+    hold = _held.pop(_key(out), None)
+    if hold is None:
+        return
+    with contextlib.suppress(OSError):  # a full disk: the line is read only while a run holds the lock
+        _write(hold.fd, hold.found)
+        os.utime(hold.fd, ns=hold.times)
+    os.close(hold.fd)  # the last descriptor of the lock: the OS drops the lock
+
+
+def _write(fd: int, payload: bytes) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, payload, 0)
 
 
 def _close_in_child() -> None:
     """A forked child must not keep its parent's lock alive: close its copies, never unlock them
     (an unlock would release the lock the parent still holds)."""
-    for fd in _held.values():
-        os.close(fd)
+    for hold in _held.values():
+        os.close(hold.fd)
     _held.clear()
 
 

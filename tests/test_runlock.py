@@ -60,6 +60,17 @@ def test_a_held_folder_is_refused_naming_the_holder_and_freed_when_it_is_killed(
     runlock.release(tmp_path)
 
 
+def test_a_released_claim_leaves_the_lock_file_as_it_found_it(tmp_path):
+    """So a run refused after its claim (another recipe, other classes) changes nothing in out."""
+    lock = tmp_path / runlock.LOCK_FILE
+    lock.write_text("1 elsewhere\n")
+    os.utime(lock, ns=(1_000_000_000, 2_000_000_000))
+    runlock.claim(tmp_path)
+    assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    runlock.release(tmp_path)
+    assert lock.read_text() == "1 elsewhere\n" and lock.stat().st_mtime_ns == 2_000_000_000
+
+
 def test_a_forked_child_does_not_keep_a_killed_holders_lock(tmp_path):
     holder, child = hold(tmp_path, "fork")
     try:
