@@ -38,6 +38,7 @@ from selfsup.config import save_config, to_dict
 from selfsup.data import DataOptions, build_dataset
 from selfsup.errors import UsageError
 from selfsup.files import atomic_write_bytes
+from selfsup.imagefolder import first_readable, report_corrupt
 from selfsup.loop import on_main, start_process
 from selfsup.models import create_backbone
 from selfsup.precision import describe_cpu
@@ -52,10 +53,11 @@ def _options(config: CompressConfig) -> DataOptions:
 def stacked(
     dataset, transform, limit: int | None, order: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A map-style split's images through ``transform`` as one float32 array, and its labels."""
+    """A map-style split's images through ``transform`` as one float32 array, and its labels;
+    unreadable images (``None``, logged by the dataset) are left out."""
     index = np.arange(len(dataset)) if order is None else order
     index = index[:limit] if limit is not None else index
-    pairs = [dataset[int(i)] for i in index]
+    pairs = [pair for pair in (dataset[int(i)] for i in index) if pair is not None]
     images = np.stack([transform(image).numpy() for image, _ in pairs]).astype(np.float32)
     return images, np.array([label for _, label in pairs])
 
@@ -90,7 +92,7 @@ def run(config: CompressConfig) -> CompressResult:
     on_main(accelerator, lambda: save_config(config, out / "config.yaml"))
     # fine-tuning's evaluation transform: small images whole (no centre crop), larger ones at 0.875
     transform = eval_transform(meta.img_size, meta.mean, meta.std, info.image_size)
-    example = transform(val[0][0]).unsqueeze(0)
+    example = transform(first_readable(val.__getitem__, 0, len(val), config.dataset)[0]).unsqueeze(0)
     stages: list[tuple[str, nn.Module, Path, str]] = []  # (variant, model, saved file, note)
     result = CompressResult("finished", out)
     if config.prune == "l1":
@@ -119,6 +121,7 @@ def run(config: CompressConfig) -> CompressResult:
                 teacher,
             )
             result.step, result.total_steps, result.signal = done.step, done.total_steps, done.signal
+            on_main(accelerator, lambda: report_corrupt(train, what="recovery"))  # each replaced, in train
             if done.status == "interrupted":
                 result.status = "interrupted"
                 return result
@@ -152,6 +155,7 @@ def _measure_and_report(
     for model in (original, *(model for _, model, _, _ in stages)):
         model.cpu()  # deployment is measured on the CPU, whichever device recovery trained on
     bench = Bench(config, *stacked(val, transform, config.limit), original)
+    bench.skipped = [path for path, _ in report_corrupt(val, what="validation, not counted")]
     source = weights_path(config.checkpoint)
     bench.add(
         "original (fp32)",
@@ -185,6 +189,7 @@ class Bench:
     labels: np.ndarray
     original: nn.Module
     variants: list[measure.Variant] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # unreadable validation files, not counted
 
     def __post_init__(self) -> None:
         self.example = torch.from_numpy(self.images[:1])
@@ -225,6 +230,7 @@ def _calibration(config: CompressConfig, transform) -> list[np.ndarray] | None:
     train, _ = build_dataset(config.dataset, "train", None, _options(config))
     order = np.random.default_rng(config.seed).permutation(len(train))
     images, _ = stacked(train, transform, config.calibrate, order)
+    report_corrupt(train, what="calibration")
     return [images[i : i + 32] for i in range(0, len(images), 32)]
 
 
@@ -261,12 +267,18 @@ def _report(config: CompressConfig, meta: CheckpointMeta, bench: Bench) -> tuple
     out = Path(config.out)
     facts = [
         f"**Classifier** `{config.checkpoint}` ({meta.spec.arch}, {meta.num_classes} classes, {meta.img_size} px).",
-        f"**Validation** {config.dataset}, {len(bench.labels)} images (the split fine-tuning validated on).",
+        f"**Validation** {config.dataset}, {len(bench.labels)} images (the split fine-tuning validated on)"
+        + (
+            f"; {len(bench.skipped)} unreadable file(s) skipped: {', '.join(bench.skipped)}."
+            if bench.skipped
+            else "."
+        ),
         f"**Machine** {describe_cpu()}; {torch.get_num_threads()} threads for torch and ONNX Runtime alike; "
         f"latency: median of {config.latency_repeats} runs after a warm-up, in this process.",
     ]
     paths = summary.write(out, "Compression: " + Path(config.checkpoint).name, facts, bench.variants)
     payload = {"config": to_dict(config), "variants": [dataclasses.asdict(v) for v in bench.variants]}
+    payload.update(images=len(bench.labels), skipped=bench.skipped)
     atomic_write_bytes(out / "metrics.json", json.dumps(payload, indent=2).encode())
     return summary.markdown_table(bench.variants), paths
 

@@ -1,5 +1,9 @@
 """Fine-tuning's data: the labelled train split through :class:`~selfsup.sampling.GlobalBatchSampler`
-(exact resume, W processes = 1 process) and the validation split sharded over the processes."""
+(exact resume, W processes = 1 process) and the validation split sharded over the processes.
+
+Unreadable files: a training one is replaced by the next readable image of the (labelled) training
+set (:class:`~selfsup.sampling.SeededImages`), a validation one is skipped and not counted
+(:class:`~selfsup.imagefolder.MarkSkipped`); both are reported by path."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from selfsup.data import DataOptions, DatasetInfo, build_dataset, class_targets,
 from selfsup.errors import UsageError
 from selfsup.finetune.augment import train_transform
 from selfsup.finetune.settings import FinetuneConfig
+from selfsup.imagefolder import marking_collate, skipped_files
 from selfsup.sampling import GlobalBatchSampler, SeededImages, global_batch_loader, make_loader
 from selfsup.transforms import eval_transform
 from selfsup.workers import stop_workers
@@ -23,7 +28,9 @@ from selfsup.workers import stop_workers
 def data_options(config: FinetuneConfig) -> DataOptions:
     return DataOptions(
         root=config.data_root,
-        on_corrupt="replace",  # batches keep their size (mixup needs an even one)
+        # "drop" for both splits: validation skips an unreadable file, and training replaces it in
+        # SeededImages, from the training images the sampler draws (batches keep their size for mixup)
+        on_corrupt="drop",
         val_fraction=config.val_fraction,
         seed=config.seed,
         synthetic_size=config.synthetic_size,
@@ -59,8 +66,16 @@ class Pipeline:
     train: DataLoader
     val: DataLoader
     sampler: GlobalBatchSampler
-    train_size: int
-    val_size: int
+
+    @property
+    def train_size(self) -> int:
+        """Training images, less the unreadable ones met so far."""
+        return _readable_count(self.train.dataset.dataset)
+
+    @property
+    def val_size(self) -> int:
+        """Validation images, less the unreadable ones (all known once it has been evaluated)."""
+        return _readable_count(self.val.dataset)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -73,6 +88,10 @@ class Pipeline:
     def close(self) -> None:
         stop_workers(self.train)
         stop_workers(self.val)
+
+
+def _readable_count(dataset: Any) -> int:
+    return len(dataset) - len(skipped_files(dataset))
 
 
 def _labelled_share(train: Any, info: DatasetInfo, fraction: float, seed: int) -> Subset:
@@ -121,6 +140,11 @@ def build_pipeline(
         images, config.batch_size, rank, world, config.seed, config.num_workers, device
     )
     val_loader = make_loader(
-        val, config.num_workers, device, batch_size=max(1, config.batch_size // world), shuffle=False
+        val,
+        config.num_workers,
+        device,
+        batch_size=max(1, config.batch_size // world),
+        shuffle=False,
+        collate_fn=marking_collate(val),  # unreadable images keep their place until the gather
     )
-    return Pipeline(info, train_loader, val_loader, sampler, len(train), len(val))
+    return Pipeline(info, train_loader, val_loader, sampler)

@@ -30,6 +30,7 @@ from selfsup.errors import UsageError
 from selfsup.imagefolder import (
     CorruptLog,
     SafeImageFolder,
+    SplitImages,
     extension_counts,
     listing,
     native_image_size,
@@ -260,8 +261,8 @@ def _imagefolder(
     train_idx, val_idx = stratified_split(
         np.asarray(dataset.targets), opts.val_fraction, opts.seed, class_names=classes, name=tree.name
     )
-    subset = Subset(dataset, (train_idx if split == "train" else val_idx).tolist())
-    return subset, info
+    # a split that replaces an unreadable file from its own images: a held-out image never trains
+    return SplitImages(dataset, (train_idx if split == "train" else val_idx).tolist()), info
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from selfsup.accel import make_accelerator
 from selfsup.errors import UsageError
-from selfsup.imagefolder import collate_skip_none
+from selfsup.imagefolder import marking_collate, readable
 from selfsup.models import is_vit
 from selfsup.precision import autocast, resolve_precision
 
@@ -94,6 +94,7 @@ def extract_features(
     every process reads its shard of the (unshuffled) dataset and ``Accelerator.gather_for_metrics``
     reassembles the full set in dataset order, dropping the samples the sampler duplicated to even
     out the last batch; ``accelerator`` defaults to the launch's (a single process needs none).
+    Unreadable images are left out (their placeholders keep the batches even until the gather).
     """
     alone = device is not None
     if not alone and accelerator is None:
@@ -104,7 +105,7 @@ def extract_features(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate_skip_none,
+        collate_fn=marking_collate(dataset),
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
@@ -128,8 +129,9 @@ def _embed_all(
     feats, labels = [], []
     for images, targets in batches:
         out, targets = gather((embed(model, images, kind, device, precision), targets.to(device)))
-        feats.append(out.cpu())
-        labels.append(targets.cpu())
+        keep = readable(targets)
+        feats.append(out[keep].cpu())
+        labels.append(targets[keep].cpu())
     if not feats:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
     return torch.cat(feats).numpy(), torch.cat(labels).long().numpy()

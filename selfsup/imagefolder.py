@@ -4,10 +4,12 @@ A file that fails to decode is recorded (path and reason) in a small log file th
 DataLoader worker appends to, so the main process can report all of them at the end of a run.
 What happens to the sample is the caller's choice:
 
-* ``on_corrupt="drop"`` (evaluation): the sample is returned as ``None`` and
-  :func:`collate_skip_none` leaves it out of the batch;
+* ``on_corrupt="drop"`` (evaluation): the sample is returned as ``None``; :func:`collate_skip_none`
+  leaves it out of the batch, and :class:`MarkSkipped` keeps its place with a placeholder labelled
+  ``SKIPPED``, removed after a sharded evaluation's gather (so none is counted, none twice);
 * ``on_corrupt="replace"`` (training): the next readable sample is returned instead, with its own
-  label, so every batch keeps its size (needed for all-gathers across processes);
+  label, so every batch keeps its size (needed for all-gathers across processes). A split of a
+  folder (:class:`SplitImages`) replaces from its own images only: a held-out image never trains;
 * ``strict=True``: the first corrupt file stops the run with its path.
 
 Every format PIL decodes is an image here (GIF, TIFF, WebP, BMP, ... not only torchvision's
@@ -30,8 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile
-from torch.utils.data import default_collate
+from torch.utils.data import Subset, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
@@ -151,7 +154,22 @@ class CorruptLog:
         return sorted(seen.items())
 
 
-class SafeImageFolder(ImageFolder):
+class _SkipOrReplace:
+    """``dataset[i]`` by the ``on_corrupt`` policy over ``load_or_none``: None, or the next readable
+    sample of this same dataset (so a replacement never comes from outside it)."""
+
+    on_corrupt: str
+
+    def load_or_none(self, index: int) -> tuple[Any, int] | None:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        if self.on_corrupt == "drop":
+            return self.load_or_none(index)
+        return first_readable(self.load_or_none, index, len(self), str(self))  # type: ignore[arg-type]
+
+
+class SafeImageFolder(_SkipOrReplace, ImageFolder):
     """torchvision ``ImageFolder`` whose corrupt files are skipped, counted and reported.
 
     ``classes`` (optional) fixes the class list, so a ``val/`` folder is labelled like ``train/``
@@ -201,21 +219,47 @@ class SafeImageFolder(ImageFolder):
             image = self.transform(image)
         return image, target
 
-    def __getitem__(self, index: int) -> tuple[Any, int] | None:  # type: ignore[override]
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            try:
-                return self._load(i)
-            except DECODE_ERRORS as err:
-                path = self.samples[i][0]
-                if self.strict:
-                    raise UsageError(
-                        f"corrupt image {path} ({err}); drop --strict to skip such files"
-                    ) from None
-                self.corrupt_log.add(path, f"{type(err).__name__}: {err}")
-                if self.on_corrupt == "drop":
-                    return None
-        raise UsageError(f"no readable image under {self.root}")
+    def load_or_none(self, index: int) -> tuple[Any, int] | None:
+        """Sample ``index``, or None with its file logged when it does not decode (``strict``: stop)."""
+        try:
+            return self._load(index)
+        except DECODE_ERRORS as err:
+            path = self.samples[index][0]
+            if self.strict:
+                raise UsageError(f"corrupt image {path} ({err}); drop --strict to skip such files") from None
+            self.corrupt_log.add(path, f"{type(err).__name__}: {err}")
+            return None
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+
+class SplitImages(_SkipOrReplace, Subset):
+    """A split (train or held-out val) of a :class:`SafeImageFolder`, or a share of such a split:
+    an unreadable file is dropped or replaced by the next readable image of this split, never by one
+    of another split (the images held out for validation stay out of training)."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int], on_corrupt: str | None = None):
+        super().__init__(dataset, list(indices))
+        self.on_corrupt = on_corrupt or dataset.on_corrupt
+
+    def load_or_none(self, index: int) -> tuple[Any, int] | None:
+        return self.dataset.load_or_none(self.indices[index])
+
+    def __getitems__(self, indices: list[int]) -> list:  # Subset's would bypass the policy
+        return [self[i] for i in indices]
+
+    def __str__(self) -> str:
+        return f"a split of {self.dataset}"
+
+
+def first_readable(load: Callable[[int], Any], index: int, size: int, where: str) -> Any:
+    """``load(index)``, or of the next indices (cyclically) the first that is not None."""
+    for attempt in range(size):
+        item = load((index + attempt) % size)
+        if item is not None:
+            return item
+    raise UsageError(f"no readable image in {where}")
 
 
 def listing(items: Iterable[Any], limit: int = 20) -> str:
@@ -246,16 +290,71 @@ def collate_skip_none(batch: list[Any]) -> Any:
     return default_collate([item for item in batch if item is not None])
 
 
-def report_corrupt(dataset: Any, stream=None) -> list[tuple[str, str]]:
-    """Print the corrupt files a dataset skipped (one per line) and return them."""
+SKIPPED = -1  # the label of a placeholder that keeps an unreadable sample's place in a batch
+
+
+class MarkSkipped:
+    """``default_collate`` with every dropped sample (``None``) as ``(placeholder, SKIPPED)``.
+
+    For sharded evaluation: every process's batch keeps its size, so ``all_gather`` sees equal
+    shapes and accelerate's ``gather_for_metrics`` cuts the last batch's padding at the right place
+    (it cuts by position); the placeholders are removed after the gather (:func:`readable`).
+    """
+
+    def __init__(self, placeholder: Any):
+        self.placeholder = placeholder
+
+    def __call__(self, batch: list[Any]) -> Any:
+        return default_collate([(self.placeholder, SKIPPED) if item is None else item for item in batch])
+
+
+def marking_collate(dataset: Any) -> MarkSkipped:
+    """:class:`MarkSkipped` whose placeholder is zeros shaped like ``dataset``'s first readable image."""
+    if len(dataset) == 0:
+        return MarkSkipped(None)
+    image, _ = first_readable(dataset.__getitem__, 0, len(dataset), "the dataset")
+    return MarkSkipped(torch.zeros_like(image))
+
+
+def readable(labels: torch.Tensor) -> torch.Tensor:
+    """The mask of the samples of a gathered batch that are not :class:`MarkSkipped` placeholders."""
+    return labels != SKIPPED
+
+
+def skipped_files(dataset: Any) -> list[str]:
+    """The files of ``dataset`` found unreadable so far (none for datasets without a corrupt log)."""
+    log = find_corrupt_log(dataset)
+    return [file for file, _ in log.entries()] if log else []
+
+
+SHOWN = 5  # unreadable files named in a warning line; reports list them all
+
+
+def report_corrupt(dataset: Any, stream=None, what: str = "") -> list[tuple[str, str]]:
+    """Warn in one line of the unreadable files a dataset skipped (the first few and the first
+    reason), ``what`` naming the use ("validation", ...), and return them all as (path, reason)."""
     log = find_corrupt_log(dataset)
     entries = log.entries() if log else []
     if entries:
-        out = stream or sys.stderr
-        print(f"warning: skipped {len(entries)} corrupt image file(s):", file=out)
-        for file, reason in entries:
-            print(f"  {file}: {reason}", file=out)
+        paths = listing((file for file, _ in entries), SHOWN)
+        print(
+            f"warning: {what + ': ' if what else ''}{len(entries)} unreadable image file(s) skipped: {paths} "
+            f"(first reason: {entries[0][1]})",
+            file=stream or sys.stderr,
+        )
     return entries
+
+
+def merge_corrupt(dataset: Any, entries: Iterable[tuple[str, str]]) -> None:
+    """Add (path, reason) pairs found elsewhere (other processes) to ``dataset``'s corrupt log."""
+    log = find_corrupt_log(dataset)
+    if log is None:
+        return
+    known = {file for file, _ in log.entries()}
+    for file, reason in entries:
+        if file not in known:
+            log.add(file, reason)
+            known.add(file)
 
 
 def find_corrupt_log(dataset: Any) -> CorruptLog | None:

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from selfsup.errors import UsageError
+from selfsup.imagefolder import first_readable
 from selfsup.workers import leave_signals_to_the_main_process, shutdown_iterator
 
 
@@ -101,7 +102,11 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
 
 class SeededImages(Dataset):
     """``dataset[(index, seed)]`` -> (augmented image, label), the augmentation a pure function of
-    the seed (:mod:`selfsup.sampling`): exact resume and W processes = 1 process."""
+    the seed (:mod:`selfsup.sampling`): exact resume and W processes = 1 process.
+
+    An unreadable sample (``None``: the file is logged by its dataset) is replaced by the next
+    readable one of ``dataset`` itself, so the batch keeps its size and the replacement comes from the
+    very images the sampler draws from (never a held-out or an unlabelled one)."""
 
     def __init__(self, dataset: Any, transform: Callable):
         self.dataset, self.transform = dataset, transform
@@ -111,7 +116,7 @@ class SeededImages(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = item
-        image, label = self.dataset[index]
+        image, label = first_readable(self.dataset.__getitem__, index, len(self.dataset), "the training set")
         with seeded(seed):
             return self.transform(image), label
 

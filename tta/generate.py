@@ -95,14 +95,17 @@ def generate(
 def load_split(
     dataset: str, split: str, data_root: str | None, limit: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A registry split as (N, 32, 32, 3) uint8 images and labels."""
+    """A registry split as (N, 32, 32, 3) uint8 images and labels; unreadable files are skipped (warned of)."""
     from selfsup.data import DataOptions, build_dataset
+    from selfsup.imagefolder import report_corrupt
 
     data, _ = build_dataset(dataset, split, None, DataOptions(root=data_root))
     n = len(data) if limit is None else min(limit, len(data))
     images, labels = [], []
     for i in range(n):
-        image, label = data[i]
+        if (item := data[i]) is None:
+            continue
+        image, label = item
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
         if array.shape != (SIZE, SIZE, 3):
             raise UsageError(
@@ -110,6 +113,7 @@ def load_split(
             )
         images.append(array)
         labels.append(label)
+    report_corrupt(data)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
