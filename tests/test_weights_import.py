@@ -4,11 +4,15 @@ project's format with equal outputs; stock timm rebuilds it; bad files are refus
 
 import hashlib
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
+from conftest import REPO
 from timm.layers import resample_abs_pos_embed
 
 from selfsup.checkpoint import load_backbone, read_meta, timm_call
@@ -261,3 +265,48 @@ def test_fine_tuning_an_imported_backbone_keeps_the_chain_and_the_probe_reads_it
     code = probe(["--checkpoint", str(backbone), "--out", str(out), "--cache-dir", str(cache), *PROBE])
     metrics = json.loads((out / "metrics.json").read_text())
     assert code == 0 and metrics["models"][0]["weights_sha256"] == imported_meta.weights_sha256
+
+
+# --- the reproduction scripts, one step each on a tiny stand-in of the released layout ----------
+
+STAND_IN_FINETUNE = ["dataset=digits", "img_size=32", "patch_size=8", "save_every_epochs=0", "eval_every=1"]
+STAND_IN_FINETUNE += ["augment.mixup=0", "augment.cutmix=0", "mixed_precision=no", *TWO_STEPS[1:], *QUIET]
+STAND_IN_PROBE = ["dataset=synthetic", "data.synthetic_size=64", "img_size=32", "batch_size=64", "ks=[5]"]
+STAND_IN_PROBE += [
+    "num_workers=0",
+    "linear_head.epochs=1",
+    "linear_head.batch_size=32",
+    "linear_head.augment=false",
+]
+SCRIPTS = {
+    "mocov3_transfer.sh": (moco_v3_file, " ".join(MOCO_ARGS), STAND_IN_FINETUNE),
+    "mocov3_linear.sh": (moco_v3_file, " ".join(MOCO_ARGS), STAND_IN_PROBE),
+    "dino_knn.sh": (dino_file, " ".join(["--format", "dino", *PLAIN_ARGS]), STAND_IN_PROBE),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_reproduction_script_runs_one_step_on_a_tiny_stand_in(tmp_path, script):
+    make, import_args, overrides = SCRIPTS[script]
+    torch.save(make()[0], tmp_path / "released.pth")
+    env = {**os.environ, "PYTHON": sys.executable, "LAUNCH": sys.executable, "OUT": str(tmp_path / "run")}
+    env |= {"DATASETS": "cifar100", "IMPORT_ARGS": import_args, "SELFSUP_CACHE": str(tmp_path / "cache")}
+    env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # one CPU process
+    command = ["bash", str(REPO / "benchmarks" / "reproduce" / script), str(tmp_path / "released.pth")]
+    run = subprocess.run(
+        [*command, *overrides], capture_output=True, text=True, timeout=600, env=env, cwd=REPO
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = tmp_path / "run" / ("cifar100" if script == "mocov3_transfer.sh" else "probe") / "report.md"
+    assert report.is_file() and "report.md" in run.stdout
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "probe").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_shipped_probe_configs_load_as_the_published_protocols(path):
+    from selfsup.config import load_config
+    from selfsup.eval.probe import ProbeConfig
+
+    config = load_config(ProbeConfig, path)
+    assert config.dataset == "imagenet" and config.img_size == 224 and config.feature == "cls"
+    assert config.linear_protocol == "mocov3" if config.methods == ["linear"] else config.temperature == 0.07
