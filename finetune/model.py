@@ -14,7 +14,7 @@ from selfsup.checkpoint import content_hash, load_backbone, read_meta
 from selfsup.data import DatasetInfo
 from selfsup.errors import UsageError
 from selfsup.finetune.settings import FinetuneConfig
-from selfsup.models import MOCO_V3_ARCHS, BackboneSpec, create_backbone
+from selfsup.models import MOCO_V3_ARCHS, BackboneSpec, create_backbone, patch_grid_problem
 
 
 @dataclass
@@ -84,10 +84,7 @@ def _build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
         return Start(model, spec, info.mean, info.std, description=f"{config.model} from random init")
     path = config.checkpoint
     meta = read_meta(path)
-    spec = meta.spec
-    spec.img_size = config.img_size or meta.img_size
-    spec.patch_size = config.patch_size or spec.patch_size
-    spec.drop_path_rate = config.drop_path
+    spec = _checkpoint_spec(config, meta, path)
     names = list(meta.class_names)
     keep_head = meta.num_classes > 0 and config.head == "auto" and not config.random_init
     if keep_head and names != list(info.classes):
@@ -122,6 +119,18 @@ def _build_start(config: FinetuneConfig, info: DatasetInfo) -> Start:
     what = "its head" if keep_head else "a new head"
     parent = loaded.weights_sha256 or content_hash(path)  # sidecars without a digest: computed
     return Start(_trainable(model), spec, mean, std, parent, f"{path} with {what}")
+
+
+def _checkpoint_spec(config: FinetuneConfig, meta, path: str) -> BackboneSpec:
+    """The checkpoint's architecture at the configured input and patch size (its own where unset),
+    refused when the image does not tile into whole patches (e.g. img_size=30 with 8 px patches)."""
+    spec = meta.spec
+    spec.img_size = config.img_size or meta.img_size
+    spec.patch_size = config.patch_size or spec.patch_size
+    spec.drop_path_rate = config.drop_path
+    if problem := patch_grid_problem(spec):
+        raise UsageError(f"img_size={spec.img_size} for {path}: {problem} (patch_size sets the patch)")
+    return spec
 
 
 def _as_classifier_spec(spec: BackboneSpec) -> BackboneSpec:

@@ -272,13 +272,13 @@ def _check_rules(cls: type, values: dict[str, Any], prefix: str) -> None:
         if rule is None or value is None:
             continue
         items = value if isinstance(value, list | tuple) else (value,)
-        problems = [p for p in map(rule.problem, items) if p]
+        problems = [f"be {p}" for p in map(rule.problem, items) if p]
         if rule.nonempty and not items:
-            problems.append("at least one value")
+            problems.append("hold at least one value")
         if problems:
             each = "each " if isinstance(value, list | tuple) and items else ""
             null = " (or null)" if _unwrap_optional(_field_types(cls)[f.name])[1] else ""
-            raise UsageError(f"{prefix}{f.name} must {each}be {problems[0]}{null}, got {value!r}")
+            raise UsageError(f"{prefix}{f.name} must {each}{problems[0]}{null}, got {value!r}")
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -414,6 +414,31 @@ def save_config(config: Any, path: str | Path) -> Path:
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     atomic_write_bytes(path, text.encode())
     return path
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose refusals are the project's: one line and exit code 2 (a UsageError through
+    :func:`~selfsup.errors.exits_cleanly`) instead of the usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def flag_type(kind: type, **rule: Any) -> typing.Callable[[str], Any]:
+    """An argparse ``type`` held to a config field's :class:`Rule`: ``type=flag_type(int, ge=1)``."""
+    checked = Rule(**rule)
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {kind.__name__}, got {text!r}") from None
+        problem = checked.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"must be {problem}, got {text}")
+        return value
+
+    return convert
 
 
 def parse_command(

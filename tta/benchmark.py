@@ -10,6 +10,7 @@ clean images, for accuracy after adaptation and EATA's Fisher information).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,30 @@ from selfsup.tta.corruptions import BENCHMARK, CORRUPTIONS, HELD_OUT
 # names accepted by --dataset, and the folder RobustBench downloads them to under a data root
 RELEASED = {"cifar10-c": "CIFAR-10-C", "cifar100-c": "CIFAR-100-C"}
 PROTOCOLS = ("reset", "continual", "mixed")
+
+
+_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of one of the set's files once its header says what it holds and the file is that
+    long: a partial download would fail inside mmap ("mmap length is greater than file size") or
+    numpy, naming no file. Never unpickles (numpy's default)."""
+    redo = "download it again or re-generate the set (python -m selfsup.tta.generate)"
+    try:
+        with path.open("rb") as file:
+            read_header = _HEADERS.get(np.lib.format.read_magic(file))
+            if read_header is not None:
+                shape, _, dtype = read_header(file)
+                expected = file.tell() + math.prod(shape) * dtype.itemsize
+                if path.stat().st_size < expected:
+                    raise UsageError(
+                        f"{path} is truncated: {path.stat().st_size} of the {expected} bytes its header "
+                        f"promises ({shape} {dtype}); {redo}"
+                    )
+        return np.load(path, mmap_mode=mmap_mode)
+    except (ValueError, OSError) as err:  # not a .npy file, an object array, unreadable
+        raise UsageError(f"{path} is not a readable .npy array ({err}); {redo}") from None
 
 
 @dataclass
@@ -45,7 +70,7 @@ class CorruptionSet:
                 f"{self.root} holds severities {', '.join(map(str, self.severities))}, not {severity}: "
                 "pick one of those or regenerate the set with --severities"
             )
-        stored = np.load(self.root / f"{name}.npy", mmap_mode="r")
+        stored = load_npy(self.root / f"{name}.npy", mmap_mode="r")
         if stored.ndim != 4 or stored.shape[0] != self.size * len(self.severities) or stored.shape[-1] != 3:
             raise UsageError(
                 f"{self.root / f'{name}.npy'} has shape {stored.shape}; expected "
@@ -62,7 +87,7 @@ class CorruptionSet:
 
     def clean(self) -> np.ndarray | None:
         path = self.root / "clean.npy"
-        return np.load(path) if path.is_file() else None
+        return load_npy(path) if path.is_file() else None
 
 
 def resolve_root(dataset: str, data_root: str | None) -> Path:
@@ -104,8 +129,8 @@ def open_set(root: Path) -> CorruptionSet:
     available = tuple(n for n in (*BENCHMARK, *HELD_OUT) if (root / f"{n}.npy").is_file())
     if not available:
         raise UsageError(f"{root} holds no <corruption>.npy; expected names among: {', '.join(CORRUPTIONS)}")
-    labels = np.load(labels_path)
-    first = np.load(root / f"{available[0]}.npy", mmap_mode="r")
+    labels = load_npy(labels_path)
+    first = load_npy(root / f"{available[0]}.npy", mmap_mode="r")
     rows = first.shape[0]
     if rows % len(severities) or len(labels) not in (rows, rows // len(severities)):
         raise UsageError(

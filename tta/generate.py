@@ -12,7 +12,6 @@ such a set are labelled so; they are not the released CIFAR-10-C).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from selfsup.config import CommandParser, flag_type
 from selfsup.errors import UsageError, exits_cleanly
 from selfsup.files import atomic_write_bytes, ensure_writable_dir
 from selfsup.tta.corruptions import CORRUPTIONS, check, corrupt, image_rng
@@ -119,17 +119,16 @@ def load_split(
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m selfsup.tta.generate", description=__doc__.splitlines()[0]
-    )
+    parser = CommandParser(prog="python -m selfsup.tta.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--data-root")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--corruptions", nargs="*", default=list(CORRUPTIONS))
-    parser.add_argument("--severities", nargs="*", type=int, default=[1, 2, 3, 4, 5])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, help="first N images only")
+    parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS))
+    severity = flag_type(int, choices=(1, 2, 3, 4, 5))
+    parser.add_argument("--severities", nargs="+", type=severity, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--seed", type=flag_type(int, ge=0), default=0)
+    parser.add_argument("--limit", type=flag_type(int, ge=1), help="first N images only")
     args = parser.parse_args(argv)
     for name in args.corruptions:
         for severity in args.severities:
