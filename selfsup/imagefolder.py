@@ -308,8 +308,11 @@ class MarkSkipped:
         return default_collate([(self.placeholder, SKIPPED) if item is None else item for item in batch])
 
 
-def marking_collate(dataset: Any) -> MarkSkipped:
-    """:class:`MarkSkipped` whose placeholder is zeros shaped like ``dataset``'s first readable image."""
+def marking_collate(dataset: Any) -> Callable[[list[Any]], Any]:
+    """:class:`MarkSkipped` whose placeholder is zeros shaped like ``dataset``'s first readable image;
+    for a stream (no index, so no place to keep), :func:`collate_skip_none`."""
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        return collate_skip_none
     if len(dataset) == 0:
         return MarkSkipped(None)
     image, _ = first_readable(dataset.__getitem__, 0, len(dataset), "the dataset")
