@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from selfsup.errors import UsageError
-from selfsup.files import atomic_write_bytes
+from selfsup.files import atomic_path, atomic_write_bytes
 
 MODES = ("int8-dynamic", "int8-static", "int8-pt2e")  # the last: pure PyTorch (torchao), no ONNX
 
@@ -117,7 +117,26 @@ class _Calibration:
 def quantize(
     src: str | Path, dst: str | Path, mode: str, calibration: list[np.ndarray] | None = None
 ) -> Path:
-    """``src`` (fp32 ONNX) -> ``dst`` (INT8 ONNX). ``int8-static`` needs ``calibration`` batches."""
+    """``src`` (fp32 ONNX) -> ``dst`` (INT8 ONNX), written atomically. ``int8-static`` needs
+    ``calibration`` batches."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if mode not in MODES:
+        raise UsageError(f"unknown quantization mode {mode!r}; expected one of: {', '.join(MODES)}")
+    if mode == "int8-static" and not calibration:
+        raise UsageError("int8-static needs calibration images: pass --calibrate N (e.g. 256)")
+    with atomic_path(dst) as written:
+        prepared = written.with_name(written.name + ".prepared.onnx")  # scratch, beside the output
+        try:
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)  # shapes + graph clean-up
+            _quantize_onnx(prepared, written, mode, calibration)
+        finally:
+            prepared.unlink(missing_ok=True)
+    return Path(dst)
+
+
+def _quantize_onnx(src: Path, dst: Path, mode: str, calibration: list[np.ndarray] | None) -> None:
+    """ONNX Runtime's dynamic (MatMul/Gemm weights) or static (QDQ, MinMax-calibrated) INT8."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -125,39 +144,29 @@ def quantize(
         quantize_dynamic,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if mode not in MODES:
-        raise UsageError(f"unknown quantization mode {mode!r}; expected one of: {', '.join(MODES)}")
-    src, dst = Path(src), Path(dst)
-    prepared = dst.with_name(dst.stem + ".prepared.onnx")
-    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)  # shapes + graph clean-up
     reduce_range = not cpu_has_vnni()
     if mode == "int8-dynamic":
         quantize_dynamic(
-            str(prepared),
+            str(src),
             str(dst),
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gemm"],
             per_channel=False,
             reduce_range=reduce_range,
         )
-    else:
-        if not calibration:
-            raise UsageError("int8-static needs calibration images: pass --calibrate N (e.g. 256)")
-        quantize_static(
-            str(prepared),
-            str(dst),
-            _Calibration(calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
-    prepared.unlink(missing_ok=True)
-    return dst
+        return
+    quantize_static(
+        str(src),
+        str(dst),
+        _Calibration(calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
 
 
 def quantize_pt2e(

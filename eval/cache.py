@@ -4,7 +4,8 @@ A key is the SHA-256 of everything the features depend on (the weights' content 
 random-init baseline, its spec and seed; dataset, split and data options; the transform; the
 feature kind; the precision). A changed checkpoint therefore gets a new key and a stale entry is
 never read. An entry is written to a temporary folder and renamed into place, so a killed run
-leaves either a complete entry or none.
+leaves either a complete entry or none. The cache only saves time: a disk error writing it (no space,
+read-only) is one warning, and the run goes on with the features in memory.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from selfsup.files import describe_os_error, is_user_os_error
 
 CACHE_VERSION = 1
 
@@ -70,8 +74,23 @@ class FeatureCache:
         info = {**info, "key": key, "shape": list(features.shape)}
         if folder is None:
             return CachedFeatures(features, labels, info)
+        try:
+            self._write(folder, features, labels, info)
+        except Exception as err:
+            if not is_user_os_error(err):
+                raise
+            print(
+                f"warning: feature cache not written to {folder.parent} ({describe_os_error(err)}); "
+                "continuing without it",
+                file=sys.stderr,
+            )
+            return CachedFeatures(features, labels, info)
+        return self.get(key) or CachedFeatures(features, labels, info)
+
+    @staticmethod
+    def _write(folder: Path, features: np.ndarray, labels: np.ndarray, info: dict[str, Any]) -> None:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             np.save(tmp / "features.npy", np.ascontiguousarray(features, dtype=np.float32))
             np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
@@ -82,4 +101,3 @@ class FeatureCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return self.get(key) or CachedFeatures(features, labels, info)

@@ -1,50 +1,85 @@
 """Writing files so that nothing is lost: atomic replacement, output folders checked before any
-work, and disk errors (no space, no permission, read-only) told as one line.
+work, and disk errors (no space, a file-size limit, no permission, read-only) told as one line
+naming the file.
 
-A kill at any moment leaves the previous version of a file or the new one, never a torn one; a
-run whose output folder cannot be written fails before it computes anything.
+A kill or a full disk at any moment leaves the previous version of a file or the new one, never a
+torn one (every figure, report and checkpoint goes through :func:`atomic_path`); a run whose output
+folder cannot be written fails before it computes anything.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import math
 import os
-import re
+import resource
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from selfsup.errors import UsageError
+from selfsup.errors import (
+    UNEXPLAINED_WRITE,
+    USER_ERRNOS,
+    WRITE_LOST_ERRNO,
+    DiskError,
+    UsageError,
+    describe_os_error,
+    is_user_os_error,  # noqa: F401  (re-exported: selfsup.loop imports it from here)
+    user_errno,
+)
 
-# Errors that the user's environment causes (and the user fixes), not the program.
-USER_ERRNOS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "read-only file system",
-    errno.ENOTDIR: "a path component is a file, not a folder",
-    errno.EEXIST: "a file is in the way",
-}
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` for a writer that wants a file name (matplotlib, ONNX
+    Runtime): renamed onto ``path`` once the writer returns, removed if it fails, so readers see
+    the old file or the new one. Its name ends in ``path``'s suffix (writers infer formats from it).
+    A disk error names ``path`` (:func:`disk_errors_at`)."""
+    path = Path(path)
+    with disk_errors_at(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            _fsync_file(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` so readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        f.write(payload)
+
+
+def append_whole(file: BinaryIO, data: bytes, path: Path) -> None:
+    """Append ``data`` to the unbuffered binary ``file`` (``path``) whole or not at all: a write cut
+    short by a full disk is undone, so a reader (a resume) never meets a torn last line."""
+    start = file.tell()
+    with disk_errors_at(path):
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[file.write(view) :]  # a raw write may take only a part
+        except BaseException:
+            file.truncate(start)
+            raise
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+        os.fsync(fd)  # a delayed write error (NFS, quotas) surfaces here, before the rename
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -76,35 +111,52 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
-_OS_ERROR_CODE = re.compile(r"os error (\d+)")
+@contextlib.contextmanager
+def disk_errors_at(path: str | Path) -> Iterator[None]:
+    """Within: a disk error the user can fix that names no file (a Python write's, safetensors',
+    torch's) is re-raised as a :class:`~selfsup.errors.DiskError` naming ``path``, or for a folder
+    the newest file in it (the one being written when the error struck)."""
+    try:
+        yield
+    except Exception as err:
+        named = as_disk_error(err, Path(path))
+        if named is None or named is err:
+            raise
+        raise named from err
 
 
-def user_errno(err: BaseException) -> int | None:
-    """The errno of a disk error the user can fix, or None.
-
-    Writers that are not Python file objects wrap the OS error in their own exception:
-    safetensors raises ``SafetensorError("... (os error 28)")``, torch's zip writer a RuntimeError.
-    """
-    if isinstance(err, OSError):
-        return err.errno if err.errno in USER_ERRNOS else None
-    text = str(err)
-    if (m := _OS_ERROR_CODE.search(text)) and int(m.group(1)) in USER_ERRNOS:
-        return int(m.group(1))
-    for code in USER_ERRNOS:
-        if os.strerror(code) in text:
-            return code
-    return None
-
-
-def describe_os_error(err: BaseException) -> str:
+def as_disk_error(err: BaseException, path: Path) -> OSError | None:
+    """``err`` as an OSError that names its file (``err`` itself when it does), or None when it is
+    not a disk error the user can fix."""
     code = user_errno(err)
-    reason = USER_ERRNOS.get(code or -1) or getattr(err, "strerror", None) or str(err).splitlines()[0]
-    filename = getattr(err, "filename", None)
-    return f"{reason}: {filename}" if filename else reason
+    if code is None:
+        return None
+    if isinstance(err, OSError) and err.filename:
+        return err
+    target = _newest_file(path) if path.is_dir() else path
+    if WRITE_LOST_ERRNO.search(str(err)):
+        return DiskError(code, f"{UNEXPLAINED_WRITE}; {_limits(path)}", str(target))
+    return DiskError(code, USER_ERRNOS[code], str(target))
 
 
-def is_user_os_error(err: BaseException) -> bool:
-    return user_errno(err) is not None
+def _newest_file(folder: Path) -> Path:
+    """The file last written in ``folder`` (the one a writer was on when it failed), or ``folder``
+    itself when that is not clear (timestamps are as coarse as the kernel's clock tick)."""
+    times = sorted(((p.lstat().st_mtime_ns, p) for p in folder.iterdir() if not p.is_dir()), reverse=True)
+    if not times or (len(times) > 1 and times[0][0] == times[1][0]):
+        return folder
+    return times[0][1]
+
+
+def _limits(path: Path) -> str:
+    """What was measured where a write failed without its reason: the free space, a size limit."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return free + (f", file-size limit {soft} bytes" if soft != resource.RLIM_INFINITY else "")
 
 
 def json_safe(value: Any) -> Any:

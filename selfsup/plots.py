@@ -1,4 +1,5 @@
-"""The report's figures as PNG files (matplotlib, Agg backend: no display needed)."""
+"""The report's figures as PNG files (matplotlib, Agg backend: no display needed), each written
+atomically: ``savefig`` writes in place, so a full disk would leave a torn image behind."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+from selfsup.files import atomic_path
 
 MAX_CONFUSION_CLASSES = 100
 MAX_EMBEDDING_POINTS = 5000
@@ -154,8 +157,16 @@ def plot_embedding(
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """``fig.savefig`` to a temporary file renamed onto ``path`` (see :func:`selfsup.files.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
+    return Path(path)

@@ -11,7 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from selfsup.errors import UsageError
-from selfsup.files import dumps_strict
+from selfsup.files import append_whole, dumps_strict
 
 
 def check_tracker(log_with: str) -> None:
@@ -46,7 +46,7 @@ class RunLog:
         self.main = accelerator.is_main_process
         self.every = max(1, every)
         self.path = out / "log.jsonl"
-        self.file = self.path.open("a") if self.main else None
+        self.file = self.path.open("ab", buffering=0) if self.main else None  # see write
         self.bar = (
             tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) if self.main and bar else None
         )
@@ -73,8 +73,8 @@ class RunLog:
 
     def write(self, record: dict[str, Any]) -> None:
         assert self.file is not None
-        self.file.write(dumps_strict(record) + "\n")  # NaN/inf as null: strict JSON readers accept it
-        self.file.flush()
+        line = dumps_strict(record) + "\n"  # NaN/inf as null: strict JSON readers accept it
+        append_whole(self.file, line.encode(), self.path)  # whole lines only, even on a full disk
 
     def close(self) -> None:
         if self.bar is not None:

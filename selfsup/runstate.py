@@ -180,8 +180,7 @@ def save(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        with disk_errors_at(tmp):  # accelerate's writers name no file (torch's not even its errno)
-            accelerator.save_state(str(tmp))
+        _save_state(accelerator, tmp)
     except BaseException:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # e.g. out of disk: free what was written
@@ -189,8 +188,7 @@ def save(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
-            with disk_errors_at(tmp):
-                _save_modules(tmp, modules or {})
+            _save_modules(tmp, modules or {})
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             record = {**asdict(position), "files": files}
             atomic_write_bytes(tmp / STATE_FILE, json.dumps(record, indent=1).encode())
@@ -209,6 +207,11 @@ def save(
     return final
 
 
+def _save_state(accelerator, folder: Path) -> None:
+    with disk_errors_at(folder):  # accelerate's writers name no file (torch's not even its errno)
+        accelerator.save_state(str(folder))
+
+
 def _save_modules(folder: Path, modules: dict[str, nn.Module]) -> None:
     from safetensors.torch import save_model
 
@@ -216,7 +219,8 @@ def _save_modules(folder: Path, modules: dict[str, nn.Module]) -> None:
         path = folder / f"{name}.safetensors"
         if path.exists():  # a programming error: the name of one of accelerate's files
             raise ValueError(f"checkpointed module {name!r}: {path.name} is taken by accelerate's save_state")
-        save_model(module, str(path))  # shared tensors stored once, as accelerate does for models
+        with disk_errors_at(path):  # safetensors names no file
+            save_model(module, str(path))  # shared tensors stored once, as accelerate does for models
 
 
 def load_state(accelerator, checkpoint: Path, modules: dict[str, nn.Module] | None = None) -> None:
