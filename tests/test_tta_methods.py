@@ -1,5 +1,6 @@
 """ETA/EATA, SAR, MEMO and the shared adapter base, each against a direct computation."""
 
+import copy
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ from selfsup.models import BackboneSpec, create_backbone
 from selfsup.tta.adapter import NormStats, Source, entropy_margin, norm_affine_parameters, softmax_entropy
 from selfsup.tta.eata import EATA, fisher_information
 from selfsup.tta.memo import MEMO, marginal_entropy
-from selfsup.tta.sar import SAM, SAR, frozen_prefixes
+from selfsup.tta.sar import SAM, SAR, frozen_prefixes, sar_lr
 from selfsup.tta.tent import Tent
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -228,3 +229,159 @@ def test_a_skipnet_adapts_with_its_gates_in_eval_mode(name):
     adapter(batch(4))
     assert not any(block.training for block in model.gated_blocks())
     assert adapter.backwards >= 1 and (name == "memo" or not same(state(model), before))
+
+
+# --- SAR against a direct restatement of the reference step (mr-eggplant/SAR: sar.py, sam.py) --------
+
+
+class ReferenceSAM(torch.optim.Optimizer):
+    """davda54/sam as SAR's reference uses it (sam.py, non-adaptive): SGD with momentum inside, sharing
+    its param groups; ``first_step`` saves w and climbs, ``second_step`` puts w back and steps."""
+
+    def __init__(self, params, lr, rho=0.05):
+        super().__init__(params, {"rho": rho, "lr": lr, "momentum": 0.9})
+        self.base_optimizer = torch.optim.SGD(self.param_groups, lr=lr, momentum=0.9)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self):
+        norm = torch.norm(
+            torch.stack(
+                [p.grad.norm(p=2) for g in self.param_groups for p in g["params"] if p.grad is not None]
+            ),
+            p=2,
+        )
+        for group in self.param_groups:
+            scale = group["rho"] / (norm + 1e-12)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["old_p"] = p.data.clone()
+                    p.add_(p.grad * scale.to(p))
+        self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+        self.zero_grad()
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.base_optimizer.param_groups = self.param_groups
+
+
+class ReferenceSAR:
+    """sar.py's SAR.forward and forward_and_adapt_sar restated: both forwards on the whole batch, the
+    first filter applied to the second pass, the EMA of the second loss, and a recovery that reloads the
+    model and the SAM optimizer's state (not the inner SGD's momentum) and keeps the EMA. ``bound``
+    stands for the reference's literal 0.2."""
+
+    def __init__(self, model, params, lr, margin, bound):
+        self.model, self.margin, self.bound, self.ema = model, margin, bound, None
+        self.optimizer = ReferenceSAM(params, lr)
+        self.saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(self.optimizer.state_dict()))
+
+    @torch.enable_grad()
+    def __call__(self, x):
+        self.optimizer.zero_grad()
+        outputs = self.model(x)
+        entropys = softmax_entropy(outputs)
+        filter_ids_1 = torch.where(entropys < self.margin)
+        entropys[filter_ids_1].mean(0).backward()
+        self.optimizer.first_step()
+        entropys2 = softmax_entropy(self.model(x))[filter_ids_1]
+        loss_second = entropys2[torch.where(entropys2 < self.margin)].mean(0)
+        if not np.isnan(loss_second.item()):
+            self.ema = (
+                loss_second.item() if self.ema is None else 0.9 * self.ema + (1 - 0.9) * loss_second.item()
+            )
+        loss_second.backward()
+        self.optimizer.second_step()
+        if self.ema is not None and self.ema < self.bound:
+            self.model.load_state_dict(self.saved[0], strict=True)
+            self.optimizer.load_state_dict(self.saved[1])
+        return outputs.detach()
+
+
+def tiny_resnet(classes=10):
+    """A timm ResNet at 32 px: its last stage sees 1x1 maps, where BatchNorm needs two samples."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet10t", num_classes=classes)
+
+
+def sar_pair(make, lr=0.05, coeff=1.0, bound=0.0):
+    """The project's SAR and the restated reference on two copies of one model, adapting the same
+    parameters (by name) from the same weights."""
+    model = make()
+    reference_model = copy.deepcopy(model)
+    sar = SAR(model, lr, e_margin_coeff=coeff, reset_below=bound)
+    names = [n for n, p in model.named_parameters() if any(p is q for q in sar.params)]
+    reference_model.train().requires_grad_(False)  # the reference's configure_model
+    for module in reference_model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.track_running_stats, module.running_mean, module.running_var = False, None, None
+    lookup = dict(reference_model.named_parameters())
+    params = [lookup[n].requires_grad_(True) for n in names]
+    return sar, ReferenceSAR(reference_model, params, lr, sar.e_margin, bound)
+
+
+def assert_same_steps(sar, reference, batches, atol=1e-6):
+    for x in batches:
+        ours, theirs = sar(x), reference(x)
+        assert torch.allclose(ours, theirs, atol=atol)
+        ours_state, theirs_state = sar.model.state_dict(), reference.model.state_dict()
+        assert all(torch.allclose(ours_state[k], theirs_state[k], atol=atol) for k in ours_state)
+        assert (sar.loss_ema is None) == (reference.ema is None)
+        assert reference.ema is None or sar.loss_ema == pytest.approx(reference.ema, abs=1e-6)
+
+
+def entropies(model, x):
+    with torch.no_grad():
+        return softmax_entropy(copy.deepcopy(model)(x))
+
+
+@pytest.mark.parametrize("make", [tiny_resnet, tiny_vit], ids=["batchnorm", "layernorm"])
+def test_sar_steps_as_the_reference_with_some_samples_reliable(make):
+    sar, reference = sar_pair(make)
+    x = batch(8, 3)
+    sar.e_margin = reference.margin = float(entropies(reference.model, x).median())  # about half reliable
+    assert_same_steps(sar, reference, [x, batch(8, 4), batch(8, 5)])
+    assert 0 < sar.kept < 24
+
+
+@pytest.mark.parametrize("make", [tiny_resnet, tiny_vit], ids=["batchnorm", "layernorm"])
+def test_sar_steps_as_the_reference_with_one_reliable_sample(make):
+    """One reliable sample: the second pass still sees the whole batch (a BatchNorm layer on a 1x1 map
+    of one sample would raise), then keeps that sample."""
+    sar, reference = sar_pair(make)
+    x = batch(6, 7)
+    lowest = entropies(reference.model, x).sort().values
+    sar.e_margin = reference.margin = float(lowest[:2].mean())  # between the lowest two
+    assert_same_steps(sar, reference, [x])
+    assert sar.kept <= 1 and sar.forwards == 2
+
+
+@pytest.mark.parametrize("make", [tiny_resnet, tiny_vit], ids=["batchnorm", "layernorm"])
+def test_sar_recovery_keeps_the_momentum_as_the_reference(make):
+    """A recovery after the first step (any loss is below the bound), then a step without one: the
+    reference's first step after a recovery carries the momentum of the steps before it."""
+    sar, reference = sar_pair(make, bound=100.0)
+    assert_same_steps(sar, reference, [batch(8, 1)])
+    assert sar.recoveries == 1
+    momentum = [sar.optimizer.state[p]["momentum_buffer"] for p in sar.params]
+    assert any(bool(m.abs().sum() > 0) for m in momentum)  # kept through the recovery
+    sar.reset_below = reference.bound = 0.0
+    assert_same_steps(sar, reference, [batch(8, 2)])
+    sar.reset()
+    assert not sar.optimizer.state  # reset() (a new corruption) empties it, as a fresh reference optimizer
+
+
+def test_sar_doubles_the_default_lr_at_batch_size_1_only():
+    assert sar_lr(None, 1) == pytest.approx(2 * 0.001 / 64)
+    assert sar_lr(None, 64) == pytest.approx(0.001) and sar_lr(None, 16) == pytest.approx(0.001 / 4)
+    assert sar_lr(0.01, 1) == 0.01  # a given lr is taken as it is

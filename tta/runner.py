@@ -23,7 +23,7 @@ from selfsup.tta.adapter import Adapter, NormStats, Source
 from selfsup.tta.benchmark import CorruptionSet, stream, to_model_input
 from selfsup.tta.eata import EATA
 from selfsup.tta.memo import MEMO, default_settings
-from selfsup.tta.sar import SAR
+from selfsup.tta.sar import SAR, sar_lr
 from selfsup.tta.settings import TTAConfig
 from selfsup.tta.tent import Tent
 
@@ -61,7 +61,13 @@ def build_adapter(
         return _eata(model, config, meta, clean if method == "eata" else None)
     if method == "sar":
         s = config.sar
-        return SAR(model, lr, rho=s.rho, e_margin_coeff=s.e_margin_coeff, reset_below=s.reset_below)
+        return SAR(
+            model,
+            sar_lr(config.lr, config.batch_size),
+            rho=s.rho,
+            e_margin_coeff=s.e_margin_coeff,
+            reset_below=s.reset_below,
+        )
     if method == "memo":
         return _memo(model, config, meta, native_size)
     raise UsageError(f"unknown method {method}")

@@ -4,9 +4,11 @@ Entropy minimisation made stable for small and mixed batches: only reliable samp
 E0 = 0.4 ln C) take part, before and after a sharpness-aware (SAM) perturbation of radius rho = 0.05
 around an SGD step with momentum 0.9; the norms of the last blocks and the final norm are left alone;
 and when an exponential average (0.9) of the post-perturbation loss falls below 0.2 the model has
-collapsed onto confident predictions and is put back to its original state. Facts from the reference
-implementation (mr-eggplant/SAR); the blocks left alone are derived from the depth (the reference's
-ViT-B skips blocks 9-11 of 12: the last quarter), not written out.
+collapsed onto confident predictions and its weights are put back (the SGD momentum stays). Facts from
+the reference implementation (mr-eggplant/SAR: sar.py, sam.py, main.py); the blocks left alone are
+derived from the depth (the reference's ViT-B skips blocks 9-11 of 12: the last quarter), not written
+out. Both forwards see the whole batch, so a BatchNorm model normalizes with the same batch statistics
+as the reference's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ from selfsup.tta.adapter import (
     num_classes_of,
     softmax_entropy,
 )
+from selfsup.tta.tent import vit_lr
+
+
+def sar_lr(lr: float | None, batch_size: int) -> float:
+    """SAR's learning rate: ``lr`` when one is given; otherwise the ViT rule (0.001 per 64 images),
+    doubled at batch size 1 as the reference does for SAR alone (main.py: ``if args.exp_type == 'bs1'
+    and args.method == 'sar': args.lr = 2 * args.lr``, after the per-model rule)."""
+    if lr is not None:
+        return lr
+    return vit_lr(batch_size) * (2 if batch_size == 1 else 1)
 
 
 def frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -39,30 +51,30 @@ def frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
 class SAM:
     """Sharpness-aware minimisation around a base optimizer (Foret et al., ICLR 2021): climb to
     w + rho g/||g||, take the gradient there, step from w. Written here because none of the project's
-    libraries (torch, timm) ships it; two calls, as the reference's ``first_step``/``second_step``."""
+    libraries (torch, timm) ships it; two calls, as the reference's ``first_step``/``second_step``
+    (davda54/sam, non-adaptive): w is kept as a copy and put back exactly, not recomputed."""
 
     def __init__(self, params: list[nn.Parameter], base: torch.optim.Optimizer, rho: float = 0.05):
         self.params, self.base, self.rho = params, base, rho
-        self._offsets: list[torch.Tensor | None] = []
+        self._origins: list[torch.Tensor | None] = []
 
     @torch.no_grad()
     def ascend(self) -> None:
         grads = [p.grad for p in self.params]
         norm = torch.norm(torch.stack([g.norm(2) for g in grads if g is not None]), 2)
         scale = self.rho / (norm + 1e-12)
-        self._offsets = []
+        self._origins = []
         for p, g in zip(self.params, grads):
-            offset = None if g is None else g * scale
-            if offset is not None:
-                p.add_(offset)
-            self._offsets.append(offset)
+            self._origins.append(None if g is None else p.detach().clone())
+            if g is not None:
+                p.add_(g * scale)
             p.grad = None
 
     @torch.no_grad()
     def descend(self) -> None:
-        for p, offset in zip(self.params, self._offsets):
-            if offset is not None:
-                p.sub_(offset)  # back to w; the base optimizer steps with the perturbed gradient
+        for p, origin in zip(self.params, self._origins):
+            if origin is not None:
+                p.copy_(origin)  # back to w; the base optimizer steps with the perturbed gradient
         self.base.step()
         self.base.zero_grad(set_to_none=True)
 
@@ -105,14 +117,17 @@ class SAR(Adapter):
             return logits.detach()
         self.backward(entropy[reliable].mean())
         self.sam.ascend()
-        second = softmax_entropy(self.forward(images[reliable]))
+        # the whole batch again, then the first filter (the reference's order): a BatchNorm layer
+        # normalizes with the statistics of the same images as in the first pass
+        second = softmax_entropy(self.forward(images))[reliable]
         still = torch.nonzero(second.detach() < self.e_margin).flatten()
         # none reliable after the perturbation: a zero gradient, so the step is momentum's alone (as
         # the reference, whose mean over no samples back-propagates nothing)
         loss = second[still].mean() if len(still) else second.sum() * 0.0
         if len(still):
             value = float(loss.detach())
-            self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
+            # (1 - 0.9), not 0.1, as the reference writes it: the same float
+            self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + (1 - 0.9) * value
         self.backward(loss)
         self.kept += len(still)
         self.sam.descend()
@@ -121,15 +136,15 @@ class SAR(Adapter):
 
     def _recover_if_collapsed(self) -> None:
         """Model recovery: back to the original weights when the loss EMA says the model collapsed
-        onto confident predictions. The EMA survives the recovery (as in the reference), so recovery
-        repeats until the loss rises again."""
+        onto confident predictions. As in the reference: the EMA survives the recovery, so recovery
+        repeats until the loss rises again, and so does the SGD momentum (the reference restores the
+        model and its SAM wrapper's state, and SAM's state holds no momentum: that is the inner SGD's)."""
         if self.loss_ema is not None and self.loss_ema < self.reset_below:
-            ema = self.loss_ema
-            self.reset()
-            self.loss_ema = ema
+            self.model.load_state_dict(self._saved[0])
             self.recoveries += 1
 
     def reset(self) -> None:
-        """Before a new corruption (reset protocol): weights, optimizer and loss EMA."""
+        """Before a new corruption (reset protocol): weights, optimizer (momentum included) and loss
+        EMA, as the reference's fresh model and optimizer for each corruption."""
         super().reset()
         self.loss_ema = None
