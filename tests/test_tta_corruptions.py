@@ -241,64 +241,17 @@ def test_the_command_builds_a_set_from_a_registry_split(tmp_path, capsys):
 # ImageNet-C/create_c/make_cifar_c.py) run on natural_image(0) with the same draws: Wand 0.7.2 over
 # ImageMagick 6.9.11 Q16, OpenCV 5.1, scikit-image 0.26. Each case: (name, severity, angle), the
 # SHA-256 of the reference's uint8 output, its row 16 (first 8 values of channel 0) and its sum.
+# fmt: off
 REFERENCE_OUTPUTS = [
-    (
-        "motion_blur",
-        2,
-        17.3,
-        "4e6f331857ead3883f8c5aa0bc7c76d91f2710b4ef95ed8a324f3baa622803a9",
-        [54, 59, 61, 60, 51, 39, 42, 44],
-        379425,
-    ),
-    (
-        "motion_blur",
-        5,
-        -38.0,
-        "6ff3eef5792e63976bcfc71aa737be8d51400bb7808aa81504acd25cbeffb9d4",
-        [56, 59, 61, 53, 48, 40, 43, 45],
-        376954,
-    ),
-    (
-        "snow",
-        2,
-        -100.0,
-        "7681556943fe62e08419eaf91b10a953c98fd444eb3276cb9f3da5f0a9afee9a",
-        [72, 97, 80, 85, 117, 53, 57, 58],
-        446130,
-    ),
-    (
-        "snow",
-        5,
-        -60.0,
-        "c5f53ebd62aef5cd423c4e14bd8264c44b9b2a105454535d098456662d6bbffb",
-        [156, 141, 142, 144, 149, 108, 111, 112],
-        588812,
-    ),
-    (
-        "spatter",
-        2,
-        0.0,
-        "d16c136452d9c69e09bc19d6d41b0520aeb563367332db2a26a7d26f9993cdef",
-        [51, 55, 60, 65, 145, 37, 40, 42],
-        381852,
-    ),
-    (
-        "spatter",
-        3,
-        0.0,
-        "4b8581784d52090d22cca592c7d50c445dc23b56f63c494fce53d1f6e80de991",
-        [51, 55, 60, 65, 78, 51, 67, 42],
-        397026,
-    ),
-    (
-        "spatter",
-        5,
-        0.0,
-        "5f1b1264be91ada5512afaef8d2ddb24d95e83eb37250d530051c27c72f9f90e",
-        [51, 55, 60, 65, 70, 58, 40, 42],
-        365566,
-    ),
+    ("motion_blur", 2, 17.3, "4e6f331857ead3883f8c5aa0bc7c76d91f2710b4ef95ed8a324f3baa622803a9", [54, 59, 61, 60, 51, 39, 42, 44], 379425),
+    ("motion_blur", 5, -38.0, "6ff3eef5792e63976bcfc71aa737be8d51400bb7808aa81504acd25cbeffb9d4", [56, 59, 61, 53, 48, 40, 43, 45], 376954),
+    ("snow", 2, -100.0, "7681556943fe62e08419eaf91b10a953c98fd444eb3276cb9f3da5f0a9afee9a", [72, 97, 80, 85, 117, 53, 57, 58], 446130),
+    ("snow", 5, -60.0, "c5f53ebd62aef5cd423c4e14bd8264c44b9b2a105454535d098456662d6bbffb", [156, 141, 142, 144, 149, 108, 111, 112], 588812),
+    ("spatter", 2, 0.0, "d16c136452d9c69e09bc19d6d41b0520aeb563367332db2a26a7d26f9993cdef", [51, 55, 60, 65, 145, 37, 40, 42], 381852),
+    ("spatter", 3, 0.0, "4b8581784d52090d22cca592c7d50c445dc23b56f63c494fce53d1f6e80de991", [51, 55, 60, 65, 78, 51, 67, 42], 397026),
+    ("spatter", 5, 0.0, "5f1b1264be91ada5512afaef8d2ddb24d95e83eb37250d530051c27c72f9f90e", [51, 55, 60, 65, 70, 58, 40, 42], 365566),
 ]
+# fmt: on
 
 
 class FixedDraws:
@@ -337,3 +290,31 @@ def test_motion_blur_truncates_imagemagicks_16_bits_to_8():
     out = corrupt(image, "motion_blur", 4, FixedDraws(0.0))
     assert np.array_equal(out, expected.astype(np.uint8))
     assert (out < np.round(sums)).any()  # truncation, not rounding, somewhere in the image
+
+
+def test_each_frost_texture_has_the_look_of_its_photograph():
+    from selfsup.tta.corruptions import FROST_LOOKS, _frost_bank, high_share
+
+    for texture, look in zip(_frost_bank(), FROST_LOOKS, strict=True):
+        grey = texture.astype(float).mean(axis=-1)
+        assert np.allclose(texture.reshape(-1, 3).mean(axis=0), look.mean, atol=1.0)
+        assert abs(grey.std() - look.std) < 0.5 and abs(high_share(grey) - look.high) < 0.01
+
+
+# The original's mean change from the clean image (grey levels) on IMAGES at severities 1, 3, 5: its
+# frost1-5 after the 0.2 resize, 200 uniform crops of each per image (hendrycks/robustness frost()).
+REFERENCE_FROST_CHANGE = {1: 32.04, 3: 51.79, 5: 43.0}
+
+
+@pytest.mark.parametrize("severity", sorted(REFERENCE_FROST_CHANGE))
+def test_frost_changes_the_image_as_much_as_the_original(severity):
+    change = np.mean(
+        [
+            np.abs(
+                corrupt(im, "frost", severity, image_rng(seed, "frost", severity, i)).astype(float) - im
+            ).mean()
+            for i, im in enumerate(IMAGES)
+            for seed in range(20)
+        ]
+    )
+    assert change == pytest.approx(REFERENCE_FROST_CHANGE[severity], rel=0.1)

@@ -10,8 +10,9 @@ distance transform and 8-bit filters; snow's grey conversion). 15 benchmark corr
 held out for tuning (``HELD_OUT``).
 
 Frost differs from the released CIFAR-10-C in its texture, not its parameters: the original blends in
-crops of six frost photographs it ships; here the textures are procedural (``frost_texture``), a fixed
-bank of five made from fixed seeds, so every run draws from the same frost."""
+crops of five frost photographs it ships; here the textures are procedural (``frost_texture``), a fixed
+bank of five made from fixed seeds, each matched to one photograph's brightness, tint, contrast and
+fineness (``FROST_LOOKS``), so every run draws from the same frost as strong as the original's."""
 
 from __future__ import annotations
 
@@ -234,18 +235,43 @@ FROST_SIZE = (128, 192)  # the texture at the original's 0.2 scale: a 32 px crop
 FROST_SEED = 20190101  # the bank's fixed seed: the same five textures in every run, as the shipped photos
 
 
-def frost_texture(rng: np.random.Generator, size: tuple[int, int] = FROST_SIZE) -> np.ndarray:
-    """A procedural stand-in for the original's frost photographs: (H, W, 3) uint8, bluish white.
+@dataclass(frozen=True)
+class FrostLook:
+    """What a frost texture is matched to: its mean R, G, B (brightness and tint), the standard deviation
+    of its grey (contrast) and the share of the grey's power above 1/8 cycle per pixel (how fine)."""
 
-    Ice dendrites (strokes that wander slightly and sprout side branches at 60 degrees, as hexagonal
-    crystals grow, each generation fainter) over a plasma haze, with a soft glow around the strokes;
-    drawn at twice the size and averaged down so strokes are thinner than a pixel, as in the photos
-    after the original's 0.2 resize. A pure function of ``rng``."""
-    h, w = size
-    canvas = Image.new("L", (2 * w, 2 * h))
+    mean: tuple[float, float, float]
+    std: float
+    high: float
+
+
+# The original's frost1..frost5 as it uses them (cv2.imread, cv2.resize by 0.2), measured from
+# hendrycks/robustness ImageNet-C/create_c; frost2.png and frost3.png are the same file. The grey's
+# mean absolute neighbour difference, not fitted, comes out within 1.3 levels of the photos' (10.8,
+# 14.4, 14.4, 21.9, 29.2).
+FROST_LOOKS = (
+    FrostLook((77.5, 149.0, 165.7), 17.9, 0.324),
+    FrostLook((200.8, 205.4, 214.5), 22.0, 0.462),
+    FrostLook((200.8, 205.4, 214.5), 22.0, 0.462),
+    FrostLook((138.0, 153.2, 165.6), 29.3, 0.540),
+    FrostLook((112.3, 123.3, 134.7), 43.0, 0.488),
+)
+
+
+def high_share(grey: np.ndarray) -> float:
+    """The share of a grey image's (mean-free) power above 1/8 cycle per pixel."""
+    power = np.abs(np.fft.fft2(grey - grey.mean())) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(grey.shape[0]), np.fft.fftfreq(grey.shape[1]), indexing="ij")
+    return float(power[np.hypot(fx, fy) > 1 / 8].sum() / power.sum())
+
+
+def _dendrites(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Ice dendrites on an (h, w) canvas, values in [0, 1]: strokes that wander slightly and sprout side
+    branches at 60 degrees, as hexagonal crystals grow, each generation fainter."""
+    canvas = Image.new("L", (w, h))
     draw = ImageDraw.Draw(canvas)
     # (x, y, heading, length in canvas px, generation); the trunks start anywhere, heading anywhere
-    todo = [(*rng.uniform((0, 0, 0, 40), (2 * w, 2 * h, 2 * np.pi, 120)), 0) for _ in range(h * w // 500)]
+    todo = [(*rng.uniform((0, 0, 0, 40), (w, h, 2 * np.pi, 120)), 0) for _ in range(h * w // 240)]
     while todo:
         x0, y0, heading, length, generation = todo.pop()
         brightness = 255 * (1 - 0.3 * generation)
@@ -257,20 +283,64 @@ def frost_texture(rng: np.random.Generator, size: tuple[int, int] = FROST_SIZE) 
                 side = np.pi / 3 if rng.random() < 0.5 else -np.pi / 3
                 todo.append((x1, y1, heading + side, length * rng.uniform(0.2, 0.5), generation + 1))
             x0, y0 = x1, y1
-    strokes = np.asarray(canvas, dtype=np.float64) / 255
-    glow = ndimage.gaussian_filter(strokes, 6)
+    return np.asarray(canvas, dtype=np.float64) / 255
+
+
+def _standard(a: np.ndarray) -> np.ndarray:
+    return (a - a.mean()) / a.std()
+
+
+def _frost_layers(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(fine, coarse), each of mean 0 and deviation 1: the dendrites drawn at twice the size and
+    averaged down (strokes thinner than a pixel, as in the photos after the 0.2 resize); a plasma haze
+    with the strokes' soft glow."""
+    h, w = size
+    strokes = _dendrites(rng, 2 * h, 2 * w)
     side = 1 << int(np.ceil(np.log2(max(2 * h, 2 * w))))
     haze = plasma_fractal(side, 1.6, rng)[: 2 * h, : 2 * w]
-    value = 0.15 + 0.3 * haze + 0.55 * ndimage.gaussian_filter(strokes, 0.6) + 2.0 * glow
-    value = np.clip(value, 0, 1).reshape(h, 2, w, 2).mean(axis=(1, 3))
-    tint = np.array([0.82, 0.92, 1.0])  # more blue than red: ice against a cold sky
-    return np.uint8(np.round(value[..., None] * tint * 255))
+    fine = ndimage.gaussian_filter(strokes, 0.6)
+    coarse = 0.3 * haze + 2.0 * ndimage.gaussian_filter(strokes, 6)
+    return tuple(_standard(a.reshape(h, 2, w, 2).mean(axis=(1, 3))) for a in (fine, coarse))
+
+
+def _frost_pattern(fine: np.ndarray, coarse: np.ndarray, high: float) -> np.ndarray:
+    """t fine + (1 - t) coarse, standardised, with t (bisected) giving the ``high`` share of power above
+    1/8 cycle per pixel."""
+    low, top = 0.0, 1.0
+    for _ in range(30):
+        t = (low + top) / 2
+        low, top = (t, top) if high_share(t * fine + (1 - t) * coarse) < high else (low, t)
+    return _standard(t * fine + (1 - t) * coarse)
+
+
+def _frost_tone(z: np.ndarray, look: FrostLook) -> np.ndarray:
+    """uint8 RGB of ``look``'s mean and grey deviation from a standardised pattern: one gain for the three
+    channels (so blue stays at or above red where its mean is), refitted for what clipping takes."""
+    means = np.array(look.mean)
+    gain, shift = look.std, 0.0
+    for _ in range(5):
+        grey = np.clip(means + shift + gain * z[..., None], 0, 255).mean(axis=-1)
+        gain, shift = gain * look.std / grey.std(), shift + means.mean() - grey.mean()
+    return np.uint8(np.round(np.clip(means + shift + gain * z[..., None], 0, 255)))
+
+
+def frost_texture(
+    rng: np.random.Generator, size: tuple[int, int] = FROST_SIZE, look: FrostLook = FROST_LOOKS[4]
+) -> np.ndarray:
+    """A procedural stand-in for one of the original's frost photographs: (H, W, 3) uint8, with its
+    brightness and tint, contrast and fineness (``look``). Ice dendrites over a plasma haze with a soft
+    glow around the strokes, mixed and toned to the look. A pure function of ``rng``."""
+    fine, coarse = _frost_layers(rng, size)
+    return _frost_tone(_frost_pattern(fine, coarse, look.high), look)
 
 
 @functools.cache
 def _frost_bank() -> tuple[np.ndarray, ...]:
-    # five, as the original draws one of frost1..frost5 (its randint(5) never reaches frost6)
-    textures = tuple(frost_texture(np.random.default_rng([FROST_SEED, i])) for i in range(5))
+    # five, as the original draws one of frost1..frost5 (its randint(5) never reaches frost6), each
+    # with the look of its photograph
+    textures = tuple(
+        frost_texture(np.random.default_rng([FROST_SEED, i]), look=look) for i, look in enumerate(FROST_LOOKS)
+    )
     for texture in textures:
         texture.flags.writeable = False
     return textures
