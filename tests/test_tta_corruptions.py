@@ -237,7 +237,7 @@ def test_the_command_builds_a_set_from_a_registry_split(tmp_path, capsys):
     assert exit_info.value.code == 2 and "unknown corruption 'nope'" in capsys.readouterr().err
 
 
-# --- motion blur, snow and spatter against the reference functions (hendrycks/robustness,
+# --- motion blur, snow, spatter and defocus blur against the reference functions (hendrycks/robustness,
 # ImageNet-C/create_c/make_cifar_c.py) run on natural_image(0) with the same draws: Wand 0.7.2 over
 # ImageMagick 6.9.11 Q16, OpenCV 5.1, scikit-image 0.26. Each case: (name, severity, angle), the
 # SHA-256 of the reference's uint8 output, its row 16 (first 8 values of channel 0) and its sum.
@@ -250,6 +250,8 @@ REFERENCE_OUTPUTS = [
     ("spatter", 2, 0.0, "d16c136452d9c69e09bc19d6d41b0520aeb563367332db2a26a7d26f9993cdef", [51, 55, 60, 65, 145, 37, 40, 42], 381852),
     ("spatter", 3, 0.0, "4b8581784d52090d22cca592c7d50c445dc23b56f63c494fce53d1f6e80de991", [51, 55, 60, 65, 78, 51, 67, 42], 397026),
     ("spatter", 5, 0.0, "5f1b1264be91ada5512afaef8d2ddb24d95e83eb37250d530051c27c72f9f90e", [51, 55, 60, 65, 70, 58, 40, 42], 365566),
+    ("defocus_blur", 2, 0.0, "94c480ea56f7ddeb3f537d73321525152b2435bc58febce1348dcf4895d1c304", [51, 55, 60, 65, 65, 40, 39, 42], 374553),
+    ("defocus_blur", 5, 0.0, "f4af17b54587a6b16ccadcadf11ce4fec96ba2d4f62ec91ffbf022e2e14414cf", [53, 55, 60, 65, 57, 49, 39, 42], 375098),
 ]
 # fmt: on
 
@@ -269,7 +271,7 @@ class FixedDraws:
 
 
 @pytest.mark.parametrize("name, severity, angle, sha256, row, total", REFERENCE_OUTPUTS)
-def test_motion_blur_snow_and_spatter_equal_the_reference_outputs(name, severity, angle, sha256, row, total):
+def test_corruptions_equal_the_reference_outputs(name, severity, angle, sha256, row, total):
     import hashlib
 
     out = corrupt(natural_image(0), name, severity, FixedDraws(angle))

@@ -6,8 +6,8 @@ the same corrupted image on any machine, which the original script (no seed) and
 those of the CIFAR generator (``make_cifar_c.py``); the steps are restated with numpy, scipy and PIL
 in place of scikit-image and ImageMagick, each noted where it differs, and OpenCV is called where
 the original calls it for a step no restatement reproduces bit for bit (spatter's Canny edges,
-distance transform and 8-bit filters; snow's grey conversion). 15 benchmark corruptions plus the 4
-held out for tuning (``HELD_OUT``).
+distance transform and 8-bit filters; snow's grey conversion; defocus blur's float32 kernel and
+filter). 15 benchmark corruptions plus the 4 held out for tuning (``HELD_OUT``).
 
 Frost differs from the released CIFAR-10-C in its texture, not its parameters: the original blends in
 crops of five frost photographs it ships; here the textures are procedural (``frost_texture``), a fixed
@@ -78,28 +78,22 @@ def _gaussian_blur(x, c, rng):
 
 
 def _disk(radius: float, alias_blur: float) -> np.ndarray:
-    """The defocus kernel: a disk of ``radius`` px, normalised, then slightly blurred (anti-aliasing)."""
+    """The defocus kernel: a disk of ``radius`` px, normalised, then slightly blurred (anti-aliasing):
+    float32 and OpenCV's GaussianBlur, as the original's ``disk``."""
     if radius <= 8:
         span, size = np.arange(-8, 8 + 1), (3, 3)
     else:
         span, size = np.arange(-radius, radius + 1), (5, 5)
     xx, yy = np.meshgrid(span, span)
-    kernel = ((xx**2 + yy**2) <= radius**2).astype(np.float64)
-    kernel /= kernel.sum()
-    # OpenCV's GaussianBlur(kernel, ksize=size, sigmaX=alias_blur), restated: a gaussian limited to the ksize window
-    half = size[0] // 2
-    taps = np.exp(-(np.arange(-half, half + 1) ** 2) / (2 * alias_blur**2))
-    taps /= taps.sum()
-    kernel = ndimage.convolve1d(
-        ndimage.convolve1d(kernel, taps, axis=0, mode="mirror"), taps, axis=1, mode="mirror"
-    )
-    return kernel
+    kernel = ((xx**2 + yy**2) <= radius**2).astype(np.float32)
+    kernel /= np.sum(kernel)
+    return cv2.GaussianBlur(kernel, ksize=size, sigmaX=alias_blur)
 
 
 def _defocus_blur(x, c, rng):
     kernel = _disk(*c)
-    # OpenCV's filter2D per channel: correlation with reflect-101 borders ("mirror" in scipy)
-    return np.stack([ndimage.correlate(x[..., ch], kernel, mode="mirror") for ch in range(3)], axis=-1)
+    # OpenCV's filter2D per channel (a float32 kernel over the float64 image), as the original
+    return np.stack([cv2.filter2D(x[..., ch], -1, kernel) for ch in range(3)], axis=-1)
 
 
 def _glass_blur(x, c, rng):
