@@ -126,7 +126,10 @@ def run_check(name: str, fn: Callable[[dict], None], logs: Path) -> dict:
                 status, error = "fail", f"exit {stop.code}: {last_line(log.read_text())}"
         except Exception as err:
             traceback.print_exc(file=out)
-            status, error = "fail", f"{type(err).__name__}: {last_line(str(err)) or repr(err)}"
+            status, error = (
+                "fail",
+                f"{type(err).__name__}: {(str(err).strip().splitlines() or [repr(err)])[0]}",
+            )
     seconds = round(time.perf_counter() - start, 1)
     print(f"{status:4s} {name} ({seconds} s){': ' + error if error else ''}", file=sys.stderr, flush=True)
     return {"check": name, "status": status, "seconds": seconds, "error": error, "detail": detail}
