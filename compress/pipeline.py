@@ -9,6 +9,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from selfsup.compress.quantize import (
     save_program,
     session,
 )
-from selfsup.compress.recover import recover, train_transform
+from selfsup.compress.recover import check_recovery, recover, train_transform
 from selfsup.compress.settings import CompressConfig
 from selfsup.config import save_config, to_dict
 from selfsup.data import DataOptions, build_dataset
@@ -83,63 +84,83 @@ class CompressResult:
 
 def run(config: CompressConfig) -> CompressResult:
     """Prune and recover in every process (recovery is a core training run), then measure, quantize
-    and report on the main process."""
+    and report on the main process. Every refusal (a resume of another recovery run included) comes
+    before the first write, so a refused run leaves ``out`` as it was."""
     original, meta = load_classifier(config.checkpoint, "compression")
     val, info = build_dataset(config.dataset, "val", None, _options(config))
     _check_classes(meta, info.classes, config.dataset, config.checkpoint)
     accelerator = start_process(config)  # out writable, threads, seed; the processes of accelerate launch
     out, main = Path(config.out), accelerator.is_main_process
-    on_main(accelerator, lambda: save_config(config, out / "config.yaml"))
     # fine-tuning's evaluation transform: small images whole (no centre crop), larger ones at 0.875
     transform = eval_transform(meta.img_size, meta.mean, meta.std, info.image_size)
     example = transform(first_readable(val.__getitem__, 0, len(val), config.dataset)[0]).unsqueeze(0)
+    pruned = _prune(original, example, config, main) if config.prune == "l1" else None
+    recovery = None
+    if pruned is not None and config.recover_epochs:
+        train, _ = build_dataset(config.dataset, "train", None, _options(config))
+        shapes = shape_manifest(pruned, create_backbone(meta.spec, num_classes=meta.num_classes))
+        facts = {"dataset": info.name, "classes": list(info.classes), "shapes": shapes}
+        check_recovery(config, train, facts, main)
+        recovery = train, facts, _teacher(config, original)  # a teacher that cannot be read: refused here
+    on_main(accelerator, lambda: save_config(config, out / "config.yaml"))  # the first write
     stages: list[tuple[str, nn.Module, Path, str]] = []  # (variant, model, saved file, note)
     result = CompressResult("finished", out)
-    if config.prune == "l1":
-        pruned = copy.deepcopy(original)
-        pruning = prune_l1(pruned, example, config.target_macs)
-        if main:
-            print(
-                f"pruned to {100 * pruning.macs_ratio:.1f}% of the MACs ({pruning.params_after:,} of "
-                f"{pruning.params_before:,} parameters)",
-                file=sys.stderr,
-            )
+    if pruned is not None:
         path = on_main(accelerator, lambda: _save_pruned(out / "pruned", pruned, meta, config, "pruned"))
         stages.append(("pruned", pruned, path, f"L1, target {config.target_macs:g}"))
-        if config.recover_epochs:
-            recovered = copy.deepcopy(pruned)
-            train, _ = build_dataset(config.dataset, "train", None, _options(config))
-            teacher = _teacher(config, original)
-            shapes = shape_manifest(pruned, create_backbone(meta.spec, num_classes=meta.num_classes))
-            done = recover(
-                accelerator,
-                recovered,
-                train,
-                train_transform(meta.img_size, info.image_size, meta.mean, meta.std),
-                config,
-                {"dataset": info.name, "classes": list(info.classes), "shapes": shapes},
-                teacher,
-            )
-            result.step, result.total_steps, result.signal = done.step, done.total_steps, done.signal
-            on_main(accelerator, lambda: report_corrupt(train, what="recovery"))  # each replaced, in train
-            if done.status == "interrupted":
-                result.status = "interrupted"
-                return result
-            path = on_main(
-                accelerator,
-                lambda: _save_pruned(out / "recovered", recovered, meta, config, "pruned+recovered"),
-            )
-            how = (
-                "distilled from "
-                + ("the unpruned model" if config.teacher == "self" else str(config.teacher))
-                if teacher
-                else "labels only"
-            )
-            stages.append(("pruned + recovered", recovered, path, f"{config.recover_epochs} epochs, {how}"))
+    if recovery is not None:
+        recovered = _recovered(accelerator, config, meta, info, pruned, recovery, result)
+        if recovered is None:  # stopped by a signal, its checkpoint saved
+            return result
+        stages.append(recovered)
     report = on_main(accelerator, lambda: _measure_and_report(config, meta, original, stages, val, transform))
     if report is not None:  # the main process's
         result.table, result.paths = report
     return result
+
+
+def _prune(original: nn.Module, example: torch.Tensor, config: CompressConfig, main: bool) -> nn.Module:
+    pruned = copy.deepcopy(original)
+    pruning = prune_l1(pruned, example, config.target_macs)
+    if main:
+        print(
+            f"pruned to {100 * pruning.macs_ratio:.1f}% of the MACs ({pruning.params_after:,} of "
+            f"{pruning.params_before:,} parameters)",
+            file=sys.stderr,
+        )
+    return pruned
+
+
+def _recovered(
+    accelerator,
+    config: CompressConfig,
+    meta: CheckpointMeta,
+    info,
+    pruned: nn.Module,
+    recovery: tuple[Any, dict[str, Any], nn.Module | None],
+    result: CompressResult,
+) -> tuple[str, nn.Module, Path, str] | None:
+    """Recovery training of a copy of ``pruned`` (``recovery``: its training set, checkpoint facts
+    and teacher), saved as ``OUT/recovered``: its stage entry, or None when a signal stopped it."""
+    recovered = copy.deepcopy(pruned)
+    train, facts, teacher = recovery
+    transform = train_transform(meta.img_size, info.image_size, meta.mean, meta.std)
+    done = recover(accelerator, recovered, train, transform, config, facts, teacher)
+    result.step, result.total_steps, result.signal = done.step, done.total_steps, done.signal
+    on_main(accelerator, lambda: report_corrupt(train, what="recovery"))  # each replaced, in train
+    if done.status == "interrupted":
+        result.status = "interrupted"
+        return None
+    out = Path(config.out)
+    path = on_main(
+        accelerator, lambda: _save_pruned(out / "recovered", recovered, meta, config, "pruned+recovered")
+    )
+    how = (
+        "distilled from " + ("the unpruned model" if config.teacher == "self" else str(config.teacher))
+        if teacher
+        else "labels only"
+    )
+    return "pruned + recovered", recovered, path, f"{config.recover_epochs} epochs, {how}"
 
 
 def _measure_and_report(

@@ -27,7 +27,7 @@ from selfsup.accel import released
 from selfsup.classifier import ClassifierStep, Distillation
 from selfsup.compress.settings import CompressConfig
 from selfsup.errors import UsageError
-from selfsup.loop import RunSettings, TrainingRun
+from selfsup.loop import RunSettings, TrainingRun, resume_point
 from selfsup.runstate import RUN_KEYS
 from selfsup.sampling import SeededImages, global_batch_loader
 from selfsup.schedules import warmup_cosine
@@ -86,6 +86,22 @@ def run_settings(config: CompressConfig) -> RunSettings:
     return RunSettings.of(config, out=f"{config.out}/recovery", epochs=config.recover_epochs)
 
 
+def _check_batch(config: CompressConfig, train_set) -> None:
+    if config.batch_size > len(train_set):
+        raise UsageError(
+            f"batch_size={config.batch_size} is larger than the training set ({len(train_set)} images): "
+            "lower batch_size"
+        )
+
+
+def check_recovery(config: CompressConfig, train_set, data: dict, main: bool = True) -> None:
+    """Every refusal of the recovery run, raised before anything is written (compress calls it before
+    its first file): a batch larger than the training set, and a checkpoint in ``OUT/recovery`` that
+    ``resume`` would continue under another recipe, other ``data`` facts or other training images."""
+    _check_batch(config, train_set)
+    resume_point(run_settings(config), config, data, RESUMABLE, tuple(data), train_set, main=main)
+
+
 def recover(
     accelerator: Accelerator,
     model: nn.Module,
@@ -100,11 +116,7 @@ def recover(
     ``data``: facts of the run a resume must share (class names, the pruned shapes), kept in the
     checkpoint and compared on resume.
     """
-    if config.batch_size > len(train_set):
-        raise UsageError(
-            f"batch_size={config.batch_size} is larger than the training set ({len(train_set)} images): "
-            "lower batch_size"
-        )
+    _check_batch(config, train_set)
     loader, sampler = global_batch_loader(
         SeededImages(train_set, transform),
         config.batch_size,
@@ -133,7 +145,7 @@ def recover(
         bar_fields=BAR_FIELDS,
         advice=ADVICE,
     )
-    run.start(config, data, same_data=tuple(data))
+    run.start(config, data, same_data=tuple(data), dataset=train_set)
     step = recovery_step(accelerator, prepared, optimizer, config, teacher)
     prepared.train()
     try:

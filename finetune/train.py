@@ -270,6 +270,7 @@ def _training_run(
         config,
         {"dataset": info.name, "classes": list(info.classes), "best_top1": None, "last_top1": None},
         same_data=("classes",),  # an image folder whose classes changed cannot continue this head
+        dataset=pipeline.train.dataset,
     )
     return run
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -36,12 +37,16 @@ from selfsup.errors import (
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary file beside ``path`` for a writer that wants a file name (matplotlib, ONNX
     Runtime): renamed onto ``path`` once the writer returns, removed if it fails, so readers see
-    the old file or the new one. Its name ends in ``path``'s suffix (writers infer formats from it).
-    A disk error names ``path`` (:func:`disk_errors_at`)."""
+    the old file or the new one. Its name, ``.NAME.tmp-PID-XXXX.SUFFIX``, ends in ``path``'s suffix
+    (writers infer formats from it) and names the writing process, so one a kill left behind is
+    recognised and removed by :func:`remove_orphan_temporaries`. A disk error names ``path``
+    (:func:`disk_errors_at`)."""
     path = Path(path)
     with disk_errors_at(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        fd, name = tempfile.mkstemp(
+            prefix=f".{path.name}{TEMPORARY}{os.getpid()}-", suffix=path.suffix, dir=path.parent
+        )
         os.close(fd)
         tmp = Path(name)
         try:
@@ -52,6 +57,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(path.parent)
+
+
+TEMPORARY = ".tmp-"  # in the name of an atomic write's temporary file, before the writer's PID
+_ORPHAN = re.compile(rf"^\..+{re.escape(TEMPORARY)}(\d+)-")
+
+
+def remove_orphan_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of atomic writes under ``folder`` whose writer is no longer running
+    on this machine (a kill during an export leaves one the size of the model); returns them. Called
+    by a run that holds ``folder`` (:mod:`selfsup.runlock`), so no other run is writing there."""
+    removed = []
+    for candidate in Path(folder).rglob(f".*{TEMPORARY}*"):
+        found = _ORPHAN.match(candidate.name)
+        if found and candidate.is_file() and not _running(int(found.group(1))):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, under another user
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:

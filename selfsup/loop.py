@@ -8,7 +8,8 @@ backward, optimizer step), run identically by 1 or W processes:
 * one run per output folder: the main process holds ``OUT/.lock`` (:mod:`selfsup.runlock`) from
   :func:`start_process` to the end of the run;
 * ``resume`` continues from a checkpoint (:mod:`selfsup.runstate`) with the same losses an
-  uninterrupted run would log, and refuses a checkpoint of another recipe; a stage's extra modules
+  uninterrupted run would log, says so in one line, and refuses (before anything is written) a
+  checkpoint of another recipe or of other training images; a stage's extra modules
   (fine-tuning's EMA) are checkpointed beside the model as safetensors, never pickled;
 * a checkpoint every ``save_every_steps`` steps and ``save_every_epochs`` epochs, and at the end;
 * SIGTERM/SIGINT save a checkpoint at the next step boundary (the processes agree in the same
@@ -40,7 +41,7 @@ from selfsup import runlock, runstate
 from selfsup.accel import announce_precision, make_accelerator
 from selfsup.config import save_config, to_dict
 from selfsup.errors import EXIT_DIVERGED, UsageError
-from selfsup.files import describe_os_error, ensure_writable_dir, is_user_os_error
+from selfsup.files import describe_os_error, ensure_writable_dir, is_user_os_error, remove_orphan_temporaries
 from selfsup.runlog import RunLog
 
 
@@ -92,7 +93,7 @@ def start_process(config: Any) -> Accelerator:
     ensure_writable_dir(config.out, "out=")
     asked = config.mixed_precision
     accelerator = make_accelerator(asked, log_with=config.log_with, project_dir=config.out)
-    on_main(accelerator, lambda: runlock.claim(config.out))  # a refusal stops the other processes too
+    on_main(accelerator, lambda: _claim(config.out))  # a refusal stops the other processes too
     announce_precision(accelerator, asked)
     config.mixed_precision = accelerator.mixed_precision
     world = accelerator.num_processes
@@ -102,6 +103,19 @@ def start_process(config: Any) -> Accelerator:
         torch.set_num_threads(config.threads)
     set_seed(config.seed)
     return accelerator
+
+
+def _claim(out: str | Path) -> None:
+    """Hold ``out`` for this run, then remove what a killed run's atomic writes left there."""
+    runlock.claim(out)
+    removed = remove_orphan_temporaries(out)
+    if removed:
+        print(
+            f"note: removed {len(removed)} temporary file(s) an interrupted run left: "
+            + ", ".join(str(p) for p in removed[:3])
+            + (", ..." if len(removed) > 3 else ""),
+            file=sys.stderr,
+        )
 
 
 @contextlib.contextmanager
@@ -187,6 +201,42 @@ def _short(value: Any, limit: int = 5) -> str:
     return str(value)
 
 
+def resume_point(
+    settings: RunSettings,
+    config: Any,
+    data: dict[str, Any],
+    resumable: frozenset[str],
+    same_data: tuple[str, ...] = (),
+    dataset: Any = None,
+    *,
+    main: bool = True,
+) -> tuple[Path | None, runstate.Position]:
+    """The checkpoint a run continues (None: a fresh start) and the position it starts at, after
+    every refusal and before anything is written or loaded, so a stage may call it ahead of its own
+    first write: another recipe (keys not in ``resumable``), a ``same_data`` entry of ``data`` (such
+    as the class names) other than the checkpoint's, or other training images (``dataset``, see
+    :func:`runstate.dataset_identity`). ``force_resume`` makes a changed recipe or changed images
+    a warning instead."""
+    requested = to_dict(config)
+    identity = runstate.dataset_identity(dataset) if dataset is not None else {}
+    fresh = runstate.Position(data=data, config=requested, data_identity=identity)
+    checkpoint = runstate.resolve_resume(settings.resume, settings.out, recover=main)
+    if checkpoint is None:
+        return None, fresh
+    stored = runstate.load_position(checkpoint)
+    runstate.check_resume_config(checkpoint, stored, requested, settings.force_resume, resumable)
+    for key in same_data:
+        if stored.data.get(key) != data.get(key):
+            raise UsageError(
+                f"{checkpoint} was trained with other {key} than the data now has "
+                f"({_short(stored.data.get(key))} vs {_short(data.get(key))}): "
+                f"use a new out=... for this data"
+            )
+    runstate.check_same_images(checkpoint, stored.data_identity, identity, settings.force_resume)
+    stored.config, stored.data_identity = requested, identity
+    return checkpoint, stored
+
+
 class TrainingRun:
     """One training run of a stage: ``start`` (resume or not), then ``with run: run.steps(...)``.
 
@@ -223,29 +273,25 @@ class TrainingRun:
         self.log: RunLog | None = None
         self._signals: runstate.StopSignals | None = None
         self._tick = 0.0  # when the current step started waiting for its batch
+        self._saved_at: int | None = None  # the step of the checkpoint this run saved or resumed last
 
-    def start(self, config: Any, data: dict[str, Any], same_data: tuple[str, ...] = ()) -> Path | None:
+    def start(
+        self, config: Any, data: dict[str, Any], same_data: tuple[str, ...] = (), dataset: Any = None
+    ) -> Path | None:
         """Resume from the checkpoint ``resume`` names (model, optimizer and RNG states through
-        accelerate; refused under another recipe, or when a ``same_data`` entry of ``data``, such as
-        the class names, differs from the checkpoint's), then write ``config.yaml`` and drop log
-        records of the steps that will run again. Returns the checkpoint resumed from, if any."""
+        accelerate) after :func:`resume_point`'s refusals, saying so in one line, then write
+        ``config.yaml`` and drop log records of the steps that will run again. ``dataset``: the
+        training images, whose identity the checkpoint records. Returns the checkpoint resumed from."""
         accelerator, out, s = self.accelerator, self.out, self.settings
-        requested = to_dict(config)
-        self.position = runstate.Position(data=data, config=requested)
-        checkpoint = runstate.resolve_resume(s.resume, out, recover=accelerator.is_main_process)
+        checkpoint, self.position = resume_point(
+            s, config, data, self.resumable, same_data, dataset, main=accelerator.is_main_process
+        )
         if checkpoint is not None:
-            stored = runstate.load_position(checkpoint)
-            runstate.check_resume_config(checkpoint, stored, requested, s.force_resume, self.resumable)
-            for key in same_data:
-                if stored.data.get(key) != data.get(key):
-                    raise UsageError(
-                        f"{checkpoint} was trained with other {key} than the data now has "
-                        f"({_short(stored.data.get(key))} vs {_short(data.get(key))}): "
-                        f"use a new out=... for this data"
-                    )
             runstate.load_state(accelerator, checkpoint, self.modules)
-            self.position = stored
-            self.position.config = requested
+            if checkpoint.parent.resolve() == runstate.checkpoint_root(out).resolve():  # not another run's
+                self._saved_at = self.position.step
+            if accelerator.is_main_process:
+                print(f"resuming at step {self.position.step}/{self.end} from {checkpoint}", file=sys.stderr)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             runstate.truncate_log(out / "log.jsonl", self.position.step)
@@ -256,9 +302,8 @@ class TrainingRun:
 
     def save(self) -> None:
         """Collective: a checkpoint of the current position (see :func:`runstate.save`)."""
-        runstate.save(
-            self.accelerator, self.out, self.position, self.settings.keep_checkpoints, self.modules
-        )
+        runstate.save(self.accelerator, self.out, self.position, self.settings.keep_checkpoints, self.modules)
+        self._saved_at = self.position.step
 
     def __enter__(self) -> TrainingRun:
         s, main = self.settings, self.accelerator.is_main_process
@@ -328,7 +373,7 @@ class TrainingRun:
                 self._tick = time.perf_counter()  # the next step's data time starts after the save
             if self._epoch_complete(epoch):
                 self._end_epoch(epoch, at_epoch)
-        if not (runstate.checkpoint_root(self.out) / f"{runstate.PREFIX}{position.step:08d}").is_dir():
+        if self._saved_at != position.step:  # a folder of this step not saved by this run is a damaged one
             self._save_unless_diverging()  # the final checkpoint, unless a save at this step made it
         return "finished"
 

@@ -3,11 +3,11 @@
 A checkpoint is ``OUT/checkpoints/step_XXXXXXXX/``: accelerate's ``save_state`` (model,
 optimizer, scaler, every process's RNG states), the stage's extra modules as ``NAME.safetensors``
 (fine-tuning's EMA), plus ``runstate.json`` (the step reached, NaN counters, the dataset's
-normalisation, the resolved config, and the name and size of every file of the checkpoint),
-written last. It is assembled under a temporary name and renamed when
+normalisation and identity, the resolved config, and the name, size and SHA-256 of every file of
+the checkpoint), written last. It is assembled under a temporary name and renamed when
 complete, and older ones are deleted only afterwards (renamed away first), so a kill at any moment
-leaves a complete checkpoint; resume skips a damaged one for the one before. The epoch and the
-sampler's position follow from the step.
+leaves a complete checkpoint; resume skips a damaged one (a file missing, truncated, or other
+than its recorded hash) for the one before. The epoch and the sampler's position follow from the step.
 
 Reading a checkpoint runs no code from it. Audited against accelerate 1.16's ``load_state``
 (``accelerate/checkpointing.py``): the model is read with safetensors; ``optimizer.bin``,
@@ -22,7 +22,9 @@ the RNG states (the resume would silently differ), so :func:`load_state` reads t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -55,6 +57,7 @@ class Position:
     scaler_skipped: int = 0  # fp16: updates the gradient scaler skipped (an overflow, not divergence)
     data: dict[str, Any] = field(default_factory=dict)  # dataset mean/std/classes, for export
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config that produced the weights
+    data_identity: dict[str, Any] = field(default_factory=dict)  # the training images (dataset_identity)
 
 
 def checkpoint_root(out: str | Path) -> Path:
@@ -113,50 +116,92 @@ def complete_checkpoints(out: str | Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def resolve_resume(resume: str, out: str | Path, *, recover: bool = True) -> Path | None:
-    """``auto``: the latest complete checkpoint in ``out`` (None if there is none); ``never``: None;
-    otherwise the given checkpoint folder, which must be complete.
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
-    A latest checkpoint that is damaged (files missing or truncated) is skipped for the one before
-    it, with a warning naming both.
+
+def damaged_file(folder: Path) -> str | None:
+    """The first file of a complete checkpoint whose bytes differ from the SHA-256 recorded when it
+    was saved (a flipped bit, a file replaced by one of the same size); None when all match, or for
+    checkpoints from before the hashes."""
+    recorded = json.loads((folder / STATE_FILE).read_text()).get("sha256") or {}
+    for name, digest in recorded.items():
+        try:
+            if _sha256(folder / name) != digest:
+                return name
+        except OSError:
+            return name
+    return None
+
+
+def _problem(folder: Path) -> tuple[str, bool] | None:
+    """Why ``folder`` cannot be resumed, and whether it is damaged (rather than unfinished); None: sound."""
+    if not is_complete(folder):
+        return f"{folder} is incomplete (files missing or truncated)", False
+    damaged = damaged_file(folder)
+    if damaged is None:
+        return None
+    what = "other bytes than the SHA-256 recorded when it was saved, which this program never writes"
+    return f"{folder / damaged} holds {what} (a damaged or crafted file)", True
+
+
+def resolve_resume(resume: str, out: str | Path, *, recover: bool = True) -> Path | None:
+    """``auto``: the latest sound checkpoint in ``out`` (None if there is none); ``never``: None;
+    otherwise the given checkpoint folder, which must be sound.
+
+    A latest checkpoint that is incomplete (files missing or truncated) or damaged (a file's bytes
+    differ from its recorded SHA-256) is skipped for the one before it, with a warning naming it;
+    when a damaged one leaves none to resume, the run is refused rather than restarted in silence.
     """
     if resume == "never":
         return None
     if resume == "auto":
-        if recover:
-            _recover(checkpoint_root(out))
-        found = complete_checkpoints(out)
-        for candidate in reversed(found):
-            if is_complete(candidate):
-                if candidate != found[-1]:
-                    print(
-                        f"warning: {found[-1]} is incomplete (files missing or truncated); "
-                        f"resuming from the previous complete checkpoint {candidate}",
-                        file=sys.stderr,
-                    )
-                return candidate
-        if found:
-            print(
-                f"warning: no complete checkpoint under {checkpoint_root(out)}; starting from step 0",
-                file=sys.stderr,
-            )
-        return None
+        return _latest_sound(out, recover)
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise UsageError(
             f"resume={resume}: not a complete checkpoint folder (no {STATE_FILE}); "
             f"use resume=auto, resume=never or a folder such as {checkpoint_root(out)}/{PREFIX}00001000"
         )
-    if not is_complete(path):
-        raise UsageError(
-            f"resume={resume}: the checkpoint's files are missing or truncated; use resume=auto or an older checkpoint"
-        )
+    problem = _problem(path)
+    if problem is not None:
+        raise UsageError(f"resume={resume}: {problem[0]}; use resume=auto or an older checkpoint")
     return path
+
+
+def _latest_sound(out: str | Path, recover: bool) -> Path | None:
+    if recover:
+        _recover(checkpoint_root(out))
+    newest, damaged = None, False
+    for candidate in reversed(complete_checkpoints(out)):
+        problem = _problem(candidate)
+        if problem is None:
+            if newest is not None:
+                print(
+                    f"warning: {newest}; resuming from the previous complete checkpoint {candidate}",
+                    file=sys.stderr,
+                )
+            return candidate
+        newest = newest or problem[0]
+        damaged = damaged or problem[1]
+    if damaged:
+        raise UsageError(
+            f"{newest}, and no earlier checkpoint under {checkpoint_root(out)} is sound: "
+            "start fresh with resume=never or a new out=..."
+        )
+    if newest is not None:
+        print(
+            f"warning: no complete checkpoint under {checkpoint_root(out)}; starting from step 0",
+            file=sys.stderr,
+        )
+    return None
 
 
 def load_position(checkpoint: Path) -> Position:
     record = json.loads((checkpoint / STATE_FILE).read_text())
     record.pop("files", None)
+    record.pop("sha256", None)
     return Position(**record)
 
 
@@ -189,9 +234,7 @@ def save(
     if accelerator.is_main_process:
         try:
             _save_modules(tmp, modules or {})
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            record = {**asdict(position), "files": files}
-            atomic_write_bytes(tmp / STATE_FILE, json.dumps(record, indent=1).encode())
+            atomic_write_bytes(tmp / STATE_FILE, json.dumps(_record(tmp, position), indent=1).encode())
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -205,6 +248,13 @@ def save(
             _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _record(folder: Path, position: Position) -> dict[str, Any]:
+    """runstate.json: the position, and the size and SHA-256 of every file saved beside it (checked
+    at resume by :func:`is_complete` and :func:`damaged_file`)."""
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return {**asdict(position), "files": files, "sha256": {name: _sha256(folder / name) for name in files}}
 
 
 def _save_state(accelerator, folder: Path) -> None:
@@ -265,6 +315,62 @@ def _not_plain(err: Exception) -> str:
     return (
         f"the checkpoint holds {what}, which this program never writes (a damaged or crafted file); "
         "resume from another checkpoint or start fresh with a new out=..."
+    )
+
+
+def dataset_identity(dataset: Any) -> dict[str, Any]:
+    """The training images as a resume compares them: their count, and for image files a SHA-256 of
+    their sorted paths relative to the folder, which changes when a file is added, removed or
+    renamed. Names only, from the listing already in memory: a stat per file would cost minutes on
+    a network file system for an ImageNet-sized folder. Empty for a stream of shards (no length)."""
+    try:
+        count = len(dataset)
+    except TypeError:
+        return {}
+    found = _image_files(dataset)
+    if found is None:  # a registry dataset held in arrays: its size is what can change
+        return {"images": count}
+    root, paths = found
+    names = sorted(os.path.relpath(path, root) for path in paths)
+    return {"images": count, "files_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+
+
+def _image_files(dataset: Any) -> tuple[str, list[str]] | None:
+    """(root, files) of an image folder's samples that ``dataset`` reads, through the subset and
+    wrapper layers above it (``dataset`` and ``indices`` attributes); None for data not in files."""
+    indices = None
+    while dataset is not None:
+        samples = getattr(dataset, "samples", None)
+        if isinstance(samples, list) and hasattr(dataset, "root"):
+            chosen = samples if indices is None else [samples[i] for i in indices]
+            return str(dataset.root), [path for path, *_ in chosen]
+        own = getattr(dataset, "indices", None)
+        if own is not None:
+            indices = list(own) if indices is None else [own[i] for i in indices]
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+def check_same_images(checkpoint: Path, stored: dict[str, Any], now: dict[str, Any], force: bool) -> None:
+    """Refuse to continue a run on other images than it trained on (the epochs, the sampler's order
+    and the steps per epoch would change mid-run), in one line saying what changed;
+    ``force``: a warning instead. Checkpoints from before the identity was recorded pass."""
+    if not stored or not now or stored == now:
+        return
+    old, new = stored.get("images"), now.get("images")
+    what = (
+        f"{old} images then, {new} now"
+        if old != new
+        else f"the same number of images ({new}) but other files"
+    )
+    if force:
+        print(
+            f"warning: force_resume=true: continuing {checkpoint} on changed data ({what})", file=sys.stderr
+        )
+        return
+    raise UsageError(
+        f"{checkpoint} was trained on other data ({what}): resuming would change its epochs mid-run. "
+        "Start fresh with a new out=..., or add force_resume=true to continue anyway"
     )
 
 

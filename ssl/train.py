@@ -153,7 +153,7 @@ def _run(
         bar_fields=BAR_FIELDS,
         advice=DIVERGENCE_ADVICE,
     )
-    checkpoint = run.start(config, pipeline.facts())
+    checkpoint = run.start(config, pipeline.facts(), dataset=pipeline.dataset)
     if checkpoint is not None and not pipeline.indexed and accelerator.is_main_process:
         print(
             f"warning: resuming a stream of shards at step {run.position.step}: the stream restarts from the "
