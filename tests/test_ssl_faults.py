@@ -181,13 +181,21 @@ def _newest_step(out) -> int | None:
     return None
 
 
-def test_ten_sigkills_at_random_moments_resume_to_the_uninterrupted_weights(tmp_path):
-    args = ["epochs=12", "max_steps=30", "save_every_steps=1", "keep_checkpoints=1"]
+# fp32 and bf16 (emulated on CPUs without native bf16: fewer kills keep it short)
+@pytest.mark.parametrize("precision, kills", [("no", 10), ("bf16", 3)])
+def test_ten_sigkills_at_random_moments_resume_to_the_uninterrupted_weights(tmp_path, precision, kills):
+    args = [
+        "epochs=12",
+        "max_steps=30",
+        "save_every_steps=1",
+        "keep_checkpoints=1",
+        f"mixed_precision={precision}",
+    ]
     straight = train(config(tmp_path / "straight", *args, "resume=never"))
     out = tmp_path / "killed"
     rng = random.Random(0)
     seen_a_checkpoint = False
-    for _kill in range(10):
+    for _kill in range(kills):
         proc = subprocess.Popen(
             [sys.executable, str(REPO / "ssl" / "pretrain.py"), *TINY, *args, f"out={out}"],
             env=ENV,
