@@ -8,7 +8,7 @@ pinned on GPUs, incomplete batches are dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,6 +19,7 @@ from selfsup.data import DataOptions, DatasetInfo, build_dataset, is_map_style
 from selfsup.errors import UsageError
 from selfsup.sampling import EndlessBatches, GlobalBatchSampler, global_batch_loader, make_loader
 from selfsup.ssl.augment import StreamViews, TwoViews, byol_views
+from selfsup.ssl.batched_views import BatchedViews, CropAndParams, view_recipes
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.workers import stop_workers
 
@@ -42,6 +43,8 @@ class Pipeline:
     loader: DataLoader
     sampler: GlobalBatchSampler | None  # None for streams
     stream: EndlessBatches | None = None
+    # (batch, device) -> (x1, x2) on the device; batched views finish there (augment.backend=batched)
+    to_device: Callable[[Any, torch.device], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def indexed(self) -> bool:
@@ -77,7 +80,7 @@ def build_pipeline(config: PretrainConfig, rank: int, world: int, device: torch.
     # Pretraining uses no labels: one class is fine, and without hold_out_val every image is used.
     options = replace(data_options(config), need_labels=False, hold_out=config.hold_out_val)
     dataset, info = build_dataset(config.dataset, "train", None, options)
-    view1, view2 = byol_views(config.augment, config.model.img_size, info.mean, info.std)
+    view1, view2, to_device = _views(config, info)
     if is_map_style(dataset):
         loader, sampler = global_batch_loader(
             TwoViews(dataset, view1, view2),
@@ -102,8 +105,17 @@ def build_pipeline(config: PretrainConfig, rank: int, world: int, device: torch.
         steps = config.length_per_epoch // config.batch_size
         pipeline = Pipeline(dataset, info, steps, loader, None, EndlessBatches(loader))
         size = config.length_per_epoch
+    pipeline.to_device = to_device
     if pipeline.steps_per_epoch == 0:
         raise UsageError(
             f"batch_size={config.batch_size} is larger than the dataset ({size} images per epoch)"
         )
     return pipeline
+
+
+def _views(config: PretrainConfig, info: DatasetInfo):
+    """The workers' two view transforms, and what finishes them on the device (None: nothing, PIL)."""
+    if config.augment.backend == "pil":
+        return (*byol_views(config.augment, config.model.img_size, info.mean, info.std), None)
+    recipes = view_recipes(config.augment, config.model.img_size)
+    return CropAndParams(recipes[0]), CropAndParams(recipes[1]), BatchedViews(recipes, info.mean, info.std)

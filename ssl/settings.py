@@ -76,6 +76,10 @@ class AugmentSettings:
     jitter: tuple[float, float, float, float] = setting((0.4, 0.4, 0.2, 0.1), ge=0)
     gray_prob: float = setting(0.2, ge=0, le=1)
     flip_prob: float = setting(0.5, ge=0, le=1)
+    # pil: every op per image with PIL in the DataLoader workers (lightly's transforms, the reference);
+    # batched: the workers crop and sample the parameters, the training device applies the ops to the
+    # batch (selfsup.ssl.batched_views); same distributions, not the same random numbers
+    backend: Literal["pil", "batched"] = "pil"
 
 
 @dataclass

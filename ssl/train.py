@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,13 +76,18 @@ class MocoStep:
     accelerator: Accelerator
     model: torch.nn.Module  # the prepared MoCoV3 (DDP-wrapped with W processes)
     optimizer: torch.optim.Optimizer
+    # (batch, device) -> (x1, x2): the batched views' device ops (augment.backend=batched); None: move only
+    to_device: Callable[[Any, torch.device], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor], progress: float):
         c, o = self.config, self.config.optim
         lr = warmup_cosine(progress, scaled_lr(o.base_lr, c.batch_size), o.warmup_epochs, c.epochs)
         m = moco_momentum(progress, c.moco.momentum, c.epochs, c.moco.momentum_cosine)
         apply_lr(self.optimizer, lr)
-        x1, x2 = (x.to(self.accelerator.device, non_blocking=True) for x in batch)
+        if self.to_device is not None:
+            x1, x2 = self.to_device(batch, self.accelerator.device)
+        else:
+            x1, x2 = (x.to(self.accelerator.device, non_blocking=True) for x in batch)
         moco = self.accelerator.unwrap_model(self.model)
         set_training_progress(moco, progress)  # schedules inside a backbone (DynamicConv's temperature)
         self.optimizer.zero_grad(set_to_none=True)  # also drops the gradients of a skipped NaN step
@@ -167,7 +173,7 @@ def _run(
     )
     model.train()
     with run:
-        step = MocoStep(config, accelerator, model, optimizer)
+        step = MocoStep(config, accelerator, model, optimizer, pipeline.to_device)
         result.status = run.steps(step, pipeline.batches, monitoring.at_epoch)
         if result.status == "finished":
 
