@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from selfsup.errors import UsageError
 from selfsup.tta.corruptions import BENCHMARK, CORRUPTIONS, HELD_OUT
+from selfsup.tta.folder_set import FolderSet, is_folder_set, open_folder_set, read_batches
+from selfsup.tta.label_shift import label_shift_order
 
 # names accepted by --dataset, and the folder RobustBench downloads them to under a data root
 RELEASED = {"cifar10-c": "CIFAR-10-C", "cifar100-c": "CIFAR-100-C"}
@@ -103,10 +105,14 @@ def resolve_root(dataset: str, data_root: str | None) -> Path:
             )
         return root
     if key == "imagenet-c":
-        raise UsageError(
-            "imagenet-c (image folders per corruption and severity) is not supported yet; "
-            "use a set in the npy layout (cifar10-c, cifar100-c, or a folder made by selfsup.tta.generate)"
-        )
+        root = Path(data_root or "data")
+        root = root / "ImageNet-C" if (root / "ImageNet-C").is_dir() else root
+        if not is_folder_set(root):
+            raise UsageError(
+                f"imagenet-c: {root} holds no <corruption>/<severity>/<wnid>/*.JPEG folders; pass --data-root "
+                "(the released ImageNet-C, or one built by python -m selfsup.tta.generate_imagenet_c)"
+            )
+        return root
     root = Path(dataset)
     if not root.is_dir():
         raise UsageError(
@@ -116,8 +122,11 @@ def resolve_root(dataset: str, data_root: str | None) -> Path:
     return root
 
 
-def open_set(root: Path) -> CorruptionSet:
-    """Read a set's labels and manifest and check that its files agree; one error line otherwise."""
+def open_set(root: Path) -> CorruptionSet | FolderSet:
+    """Read a set's labels and manifest and check that its files agree; one error line otherwise.
+    ImageNet-C's image folders open as a :class:`FolderSet`, read image by image."""
+    if is_folder_set(root):
+        return open_folder_set(root)
     labels_path = root / "labels.npy"
     if not labels_path.is_file():
         raise UsageError(
@@ -150,13 +159,13 @@ def open_set(root: Path) -> CorruptionSet:
     )
 
 
-def check_corruptions(names: Sequence[str], corruption_set: CorruptionSet) -> tuple[str, ...]:
+def check_corruptions(names: Sequence[str], corruption_set: CorruptionSet | FolderSet) -> tuple[str, ...]:
     for name in names:
         if name not in CORRUPTIONS:
             raise UsageError(f"unknown corruption '{name}'; expected one of: {', '.join(CORRUPTIONS)}")
         if name not in corruption_set.available:
             raise UsageError(
-                f"{corruption_set.root} has no {name}.npy; it holds: {', '.join(corruption_set.available)}"
+                f"{corruption_set.root} has no {name}; it holds: {', '.join(corruption_set.available)}"
             )
     return tuple(names)
 
@@ -183,21 +192,38 @@ class Batch:
     starts_task: bool  # the first batch of a corruption (the reset protocol resets here)
 
 
+def test_order(
+    labels: np.ndarray, seed: int, limit: int | None, label_shift: float | None = None
+) -> np.ndarray:
+    """Each corruption's images in one seeded order, the same for every method (a set stored class by
+    class would otherwise give single-class batches); the first ``limit`` of them when set. With
+    ``label_shift``, SAR's imbalanced label stream over those images, twice as long (SAR's 100,000
+    samples over ImageNet-C's 50,000)."""
+    n = len(labels) if limit is None else min(limit, len(labels))
+    order = np.random.default_rng(seed).permutation(len(labels))[:n]
+    if label_shift is None:
+        return order
+    return order[label_shift_order(labels[order], label_shift, 2 * n, np.random.default_rng(seed + 3))]
+
+
 def stream(
-    corruption_set: CorruptionSet,
+    corruption_set: CorruptionSet | FolderSet,
     names: Sequence[str],
     severity: int,
     protocol: str,
     batch_size: int,
     seed: int = 0,
     limit: int | None = None,
+    label_shift: float | None = None,
+    workers: int = 0,
 ) -> Iterator[Batch]:
-    """The test batches in order. Each corruption's images come in one seeded order, the same for
-    every method (a set stored class by class would otherwise give single-class batches); ``mixed``
-    shuffles every corruption's images into one stream."""
+    """The test batches in :func:`test_order`; ``mixed`` shuffles every corruption's images into one
+    stream. Folder sets are read image by image by ``workers``."""
     labels = corruption_set.labels
-    n = len(labels) if limit is None else min(limit, len(labels))
-    order = np.random.default_rng(seed).permutation(len(labels))[:n]
+    order = test_order(labels, seed, limit, label_shift)
+    if isinstance(corruption_set, FolderSet):
+        yield from _folder_stream(corruption_set, names, severity, protocol, batch_size, seed, order, workers)
+        return
     if protocol == "mixed":
         pool = [(i, j) for i in range(len(names)) for j in order]
         mixed_order = np.random.default_rng(seed + 1).permutation(len(pool))
@@ -211,6 +237,35 @@ def stream(
         return
     for i, name in enumerate(names):
         images = corruption_set.images(name, severity)
-        for start in range(0, n, batch_size):
+        for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             yield Batch(name, images[index], labels[index], np.full(len(index), i), start == 0)
+
+
+def _folder_stream(
+    folder_set: FolderSet,
+    names: Sequence[str],
+    severity: int,
+    protocol: str,
+    batch_size: int,
+    seed: int,
+    order: np.ndarray,
+    workers: int,
+) -> Iterator[Batch]:
+    """:func:`stream`'s batches (the same orders) read from image folders by a DataLoader."""
+    if protocol == "mixed":
+        pool = np.array([(i, j) for i in range(len(names)) for j in order])
+        pool = pool[np.random.default_rng(seed + 1).permutation(len(pool))]
+        picks = [pool[start : start + batch_size] for start in range(0, len(pool), batch_size)]
+        starts = [k == 0 for k in range(len(picks))]
+    else:
+        picks, starts = [], []
+        for i in range(len(names)):
+            for start in range(0, len(order), batch_size):
+                index = order[start : start + batch_size]
+                picks.append(np.stack([np.full(len(index), i), index], axis=1))
+                starts.append(start == 0)
+    sources = [folder_set.images(name, severity) for name in names]
+    for pick, first, images in zip(picks, starts, read_batches(sources, picks, workers)):
+        corruption = "mixed" if protocol == "mixed" else names[pick[0, 0]]
+        yield Batch(corruption, images, folder_set.labels[pick[:, 1]], pick[:, 0], first)

@@ -117,18 +117,23 @@ def load_split(
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
+def add_set_flags(parser: CommandParser, corruptions: Sequence[str]) -> None:
+    """The flags every generator takes: --out, --corruptions, --severities, --seed, --limit."""
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--corruptions", nargs="+", default=list(corruptions))
+    severity = flag_type(int, choices=(1, 2, 3, 4, 5))
+    parser.add_argument("--severities", nargs="+", type=severity, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--seed", type=flag_type(int, ge=0), default=0)
+    parser.add_argument("--limit", type=flag_type(int, ge=1), help="first N images only")
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(prog="python -m selfsup.tta.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--data-root")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS))
-    severity = flag_type(int, choices=(1, 2, 3, 4, 5))
-    parser.add_argument("--severities", nargs="+", type=severity, default=[1, 2, 3, 4, 5])
-    parser.add_argument("--seed", type=flag_type(int, ge=0), default=0)
-    parser.add_argument("--limit", type=flag_type(int, ge=1), help="first N images only")
+    add_set_flags(parser, CORRUPTIONS)
     args = parser.parse_args(argv)
     for name in args.corruptions:
         for severity in args.severities:

@@ -22,6 +22,7 @@ from selfsup.precision import autocast
 from selfsup.tta.adapter import Adapter, NormStats, Source
 from selfsup.tta.benchmark import CorruptionSet, stream, to_model_input
 from selfsup.tta.eata import EATA
+from selfsup.tta.folder_set import FolderSet
 from selfsup.tta.memo import MEMO, default_settings
 from selfsup.tta.sar import SAR, sar_lr
 from selfsup.tta.settings import TTAConfig
@@ -130,11 +131,15 @@ def peak_memory(device: torch.device) -> tuple[float | None, str]:
 class Benchmark:
     """One corruption set, one protocol, one classifier: ``run(method) -> MethodResult``."""
 
-    def __init__(self, config: TTAConfig, corruption_set: CorruptionSet, names: tuple[str, ...], device):
+    def __init__(
+        self, config: TTAConfig, corruption_set: CorruptionSet | FolderSet, names: tuple[str, ...], device
+    ):
         self.config, self.set, self.names, self.device = config, corruption_set, names, device
         self.original, self.meta = load_classifier(config.checkpoint, "test-time adaptation")
         self.original.to(device)
         self.inputs = Inputs(self.meta, device)
+        if isinstance(corruption_set, FolderSet):  # wnid folders -> the classifier's class indices
+            corruption_set.use_classes(self.meta.class_names, config.checkpoint)
         self.labels = corruption_set.labels
         n_classes = self.meta.num_classes
         if self.labels.min() < 0 or self.labels.max() >= n_classes:
@@ -148,8 +153,9 @@ class Benchmark:
         """EATA's Fisher images: the first ``limit`` clean images in a seeded order."""
         if self.clean_images is None:
             raise UsageError(
-                f"eata needs clean images for its Fisher information and {self.set.root} has no clean.npy: "
-                "build the set with python -m selfsup.tta.generate (it writes clean.npy), or use eta"
+                f"eata needs clean images for its Fisher information and {self.set.root} has no clean.npy "
+                "(npy layout) or clean/ folder (ImageNet-C layout): build the set with python -m "
+                "selfsup.tta.generate or selfsup.tta.generate_imagenet_c (they write them), or use eta"
             )
         order = np.random.default_rng(self.config.seed + 2).permutation(len(self.clean_images))[:limit]
         for start in range(0, len(order), self.config.batch_size):
@@ -180,18 +186,7 @@ class Benchmark:
             torch.cuda.reset_peak_memory_stats(self.device)  # ... and so is its memory
         correct = np.zeros(len(self.names))
         seen = np.zeros(len(self.names))
-        batches = stream(
-            self.set,
-            self.names,
-            config.severity,
-            config.protocol,
-            config.batch_size,
-            config.seed,
-            config.limit,
-        )
-        total = (
-            len(self.names) * -(-self.n_images // config.batch_size) if config.protocol != "mixed" else None
-        )
+        batches, total = self._batches()
         start = time.perf_counter()
         first = True
         for batch in tqdm(batches, desc=method, total=total, unit="batch", leave=False, file=sys.stderr):
@@ -229,6 +224,24 @@ class Benchmark:
             kind,
             extra,
         )
+
+    def _batches(self):
+        """The protocol's stream of test batches and its length in batches (None when mixed)."""
+        config = self.config
+        batches = stream(
+            self.set,
+            self.names,
+            config.severity,
+            config.protocol,
+            config.batch_size,
+            config.seed,
+            config.limit,
+            config.label_shift,
+            config.workers,
+        )
+        per_task = self.n_images * (1 if config.label_shift is None else 2)  # SAR's stream: twice
+        total = None if config.protocol == "mixed" else len(self.names) * -(-per_task // config.batch_size)
+        return batches, total
 
     @property
     def n_images(self) -> int:

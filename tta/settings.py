@@ -47,7 +47,8 @@ class MemoSettings:
 @dataclass
 class TTAConfig:
     checkpoint: str | None = None  # a classifier (fine-tune's best.safetensors)
-    dataset: str = "cifar10-c"  # cifar10-c | cifar100-c (under data_root) | a folder in the npy layout
+    # cifar10-c | cifar100-c | imagenet-c (under data_root) | a folder in the npy or ImageNet-C layout
+    dataset: str = "cifar10-c"
     data_root: str | None = None
     methods: list[str] = field(default_factory=lambda: ["source", "tent", "eata", "sar"])
     protocol: Literal["reset", "continual", "mixed"] = "reset"
@@ -57,6 +58,10 @@ class TTAConfig:
     lr: float | None = setting(None, gt=0)  # null: 0.001 / 64 x batch_size (Tent/ETA/EATA/SAR)
     steps: int = setting(1, ge=1)  # Tent's steps per batch
     limit: int | None = setting(None, ge=1)  # first N test images of each corruption (in the seeded order)
+    # SAR's imbalanced label stream of this imbalance ratio (SAR's default 500000: almost class order;
+    # 1: uniform), 2 x the images long; null: the seeded order. Not with protocol mixed (nor in SAR)
+    label_shift: float | None = setting(None, ge=1)
+    workers: int = setting(4, ge=0)  # DataLoader workers reading ImageNet-C's image folders
     seed: int = setting(0, ge=0)
     eata: EataSettings = field(default_factory=EataSettings)
     sar: SarSettings = field(default_factory=SarSettings)
@@ -80,6 +85,8 @@ class TTAConfig:
             )
         if self.protocol not in PROTOCOLS:
             raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol}")
+        if self.label_shift is not None and self.protocol == "mixed":
+            raise UsageError("label_shift streams one corruption at a time: use protocol reset or continual")
 
     def _check_adaptation(self) -> None:
         """How the methods adapt: the arithmetic."""
