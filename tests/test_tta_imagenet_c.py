@@ -130,3 +130,13 @@ def test_tta_runs_on_imagenet_c_and_refuses_a_classifier_without_wnids(built, tm
     )
     err = refused(capsys, cli.main, *args)
     assert "wnids" in err
+
+
+@pytest.mark.parametrize("extra", [["--protocol", "mixed", "--batch-size", "1"], ["label_shift=500000"]])
+def test_sars_wild_settings_run_on_imagenet_c(built, tmp_path, extra):
+    root, _, checkpoint = built
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(checkpoint), "--dataset", "imagenet-c", "--data-root", str(root)]
+    cli.main([*args, "--method", "source,sar", "--severity", "1", "--out", str(out), "workers=0", *extra])
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert rows["sar"]["images"] == (12 if "mixed" in extra else 24)  # SAR's label stream: 2 x the images

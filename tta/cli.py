@@ -21,14 +21,15 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(
         prog="tta",
         description="Test-time adaptation of a classifier on a corruption benchmark (CIFAR-10-C, CIFAR-100-C, "
-        "or a set built by python -m selfsup.tta.generate). Any config key can be set as key=value.",
+        "ImageNet-C, or a set built by python -m selfsup.tta.generate or generate_imagenet_c). Any config key can be set as key=value.",
     )
     parser.add_argument("--config", help="YAML file of settings (see tta/settings.py)")
     parser.add_argument("--checkpoint", help="a classifier: fine-tune's best.safetensors")
     parser.add_argument(
-        "--dataset", help="cifar10-c, cifar100-c (under --data-root) or a folder in the npy layout"
+        "--dataset",
+        help="cifar10-c, cifar100-c, imagenet-c (under --data-root) or a folder in the npy or ImageNet-C layout",
     )
-    parser.add_argument("--data-root", help="folder holding CIFAR-10-C/ or CIFAR-100-C/")
+    parser.add_argument("--data-root", help="folder holding CIFAR-10-C/, CIFAR-100-C/ or ImageNet-C/")
     parser.add_argument("--method", help="comma-separated: source,norm,tent,eta,eata,sar,memo")
     parser.add_argument("--protocol", help="reset (before each corruption), continual or mixed")
     parser.add_argument("--severity", help="1-5")
