@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from kornia.color import rgb_to_grayscale
 from kornia.enhance import (
@@ -87,22 +88,41 @@ def view_recipes(settings: AugmentSettings, input_size: int) -> tuple[ViewRecipe
     )
 
 
-def sample_params(recipe: ViewRecipe) -> dict[str, torch.Tensor]:
-    """One image's parameters of every op after the crop, from torch's (seeded) global generator."""
+# One image's parameters, packed in one float tensor (one draw, one tensor to collate and move).
+FIELDS = ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "o0", "o1", "o2", "o3")
+FIELDS += ("gray", "blur", "sigma", "solarize")
+
+
+def sample_params(recipe: ViewRecipe) -> torch.Tensor:
+    """One image's parameters of every op after the crop (:data:`FIELDS`), from NumPy's seeded global
+    generator (one draw: torch's per-call overhead on tiny tensors cost more than the crop at 32 px)."""
     b, c, s, h = recipe.jitter
-    low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
-    high = torch.tensor([1 + b, 1 + c, 1 + s, h])
-    flags = torch.rand(5)
-    sigma = torch.empty(()).uniform_(*recipe.blur_sigmas)
+    low = np.array([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+    high = np.array([1 + b, 1 + c, 1 + s, h])
+    u = np.random.random_sample(10)
+    flags = u[:5] < (
+        recipe.flip_prob,
+        recipe.jitter_prob,
+        recipe.gray_prob,
+        recipe.blur_prob,
+        recipe.solarize_prob,
+    )
+    factors = low + (high - low) * u[5:9]
+    sigma = recipe.blur_sigmas[0] + (recipe.blur_sigmas[1] - recipe.blur_sigmas[0]) * u[9]
+    order = np.random.permutation(4)
+    packed = [flags[0], flags[1], *factors, *order, flags[2], flags[3], sigma, flags[4]]
+    return torch.tensor(np.array(packed, dtype=np.float32))
+
+
+def unpack(params: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch of packed parameters (N x len(FIELDS)) -> the dict :func:`apply_params` takes."""
+    column = {name: params[:, i] for i, name in enumerate(FIELDS)}
+    flag = {k: column[k] > 0.5 for k in ("flip", "jitter", "gray", "blur", "solarize")}
     return {
-        "flip": flags[0] < recipe.flip_prob,
-        "jitter": flags[1] < recipe.jitter_prob,
-        "factors": low + (high - low) * torch.rand(4),  # brightness, contrast, saturation, hue
-        "order": torch.randperm(4),
-        "gray": flags[2] < recipe.gray_prob,
-        "blur": flags[3] < recipe.blur_prob,
-        "sigma": sigma,
-        "solarize": flags[4] < recipe.solarize_prob,
+        **flag,
+        "factors": params[:, 2:6],  # brightness, contrast, saturation, hue
+        "order": params[:, 6:10].long(),
+        "sigma": column["sigma"],
     }
 
 
@@ -115,7 +135,7 @@ class CropAndParams:
 
     def __call__(self, image) -> dict[str, torch.Tensor]:
         crop = pil_to_tensor(self.crop(image.convert("RGB")))
-        return {"image": crop, **sample_params(self.recipe)}
+        return {"image": crop, "params": sample_params(self.recipe)}
 
 
 def _jitter_op(x: torch.Tensor, op: int, factor: torch.Tensor) -> torch.Tensor:
@@ -169,8 +189,9 @@ class BatchedViews:
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
     def view(self, batch: dict[str, torch.Tensor], kernel_size: int, device: torch.device) -> torch.Tensor:
-        p = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        x = apply_params(p.pop("image").float() / 255, p, kernel_size)
+        image = batch["image"].to(device, non_blocking=True)
+        p = unpack(batch["params"].to(device, non_blocking=True))
+        x = apply_params(image.float() / 255, p, kernel_size)
         return (x - self.mean.to(device)) / self.std.to(device)
 
     def __call__(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 
 from selfsup.config import load_config
-from selfsup.ssl.batched_views import apply_params, sample_params, view_recipes
+from selfsup.ssl.batched_views import apply_params, sample_params, unpack, view_recipes
 from selfsup.ssl.pipeline import build_pipeline
 from selfsup.ssl.settings import AugmentSettings, PretrainConfig
 from selfsup.ssl.train import train
@@ -29,8 +29,7 @@ def recipes(size=224):
 
 
 def draws(recipe, n=N):
-    samples = [sample_params(recipe) for _ in range(n)]
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    return unpack(torch.stack([sample_params(recipe) for _ in range(n)]))
 
 
 def within_binomial(flags, p):
