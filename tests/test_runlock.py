@@ -23,7 +23,8 @@ import os, sys, time
 from selfsup import runlock
 runlock.claim(sys.argv[1])
 child = os.fork() if sys.argv[2:] == ["fork"] else 1
-if child == 0:
+if child == 0:  # runs only after the fork hooks: its copy of the lock is closed by now
+    print("child", flush=True)
     time.sleep(300)
     os._exit(0)
 print("held", child, flush=True)
@@ -37,7 +38,8 @@ def hold(out, *extra) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(out), *extra], stdout=subprocess.PIPE, text=True, cwd=REPO
     )
-    said, child = proc.stdout.readline().split()
+    lines = [proc.stdout.readline().split() for _ in range(2 if extra == ("fork",) else 1)]
+    said, child = next(line for line in lines if line[0] == "held")  # and, with a fork, the child's "child"
     assert said == "held"
     return proc, int(child)
 
