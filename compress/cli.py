@@ -10,16 +10,14 @@ checkpoint saved). Under ``accelerate launch compress/compress.py ...`` recovery
 
 from __future__ import annotations
 
-import argparse
-
 from selfsup.compress.settings import CompressConfig
-from selfsup.config import load_config, parse_command
+from selfsup.config import CommandParser, load_config, parse_command
 from selfsup.errors import exits_cleanly
 from selfsup.precision import add_precision_flag
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="compress",
         description="Prune (L1, structured), recover and quantize (INT8 via ONNX Runtime) a classifier, and "
         "measure every variant side by side. Any config key can be set as key=value.",

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from selfsup.config import load_config, parse_command
+from selfsup.config import CommandParser, load_config, parse_command
 from selfsup.errors import UsageError, exits_cleanly
 from selfsup.eval.probe import ProbeConfig, run_probe
 from selfsup.precision import add_precision_flag
@@ -30,7 +30,7 @@ KEYS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="probe",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

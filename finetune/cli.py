@@ -6,9 +6,7 @@ SIGTERM/SIGINT after saving a checkpoint (rerun the same command: ``resume=auto`
 
 from __future__ import annotations
 
-import argparse
-
-from selfsup.config import load_config, parse_command
+from selfsup.config import CommandParser, load_config, parse_command
 from selfsup.errors import exits_cleanly
 from selfsup.finetune.settings import FinetuneConfig
 from selfsup.precision import add_precision_flag
@@ -17,7 +15,7 @@ KEYS = {"teacher": "distill.teacher"}  # flags named otherwise than their config
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="finetune",
         description="Fine-tune a pretrained backbone (or a timm model from scratch) as a classifier; "
         "exports OUT/best.safetensors and OUT/last.safetensors and writes OUT/report.html. "

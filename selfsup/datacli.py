@@ -6,13 +6,13 @@ not are listed by path on stderr.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections import Counter
 
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from selfsup.config import CommandParser
 from selfsup.data import DataOptions, build_dataset, dataset_names, is_map_style
 from selfsup.errors import UsageError, exits_cleanly
 from selfsup.imagefolder import report_corrupt
@@ -49,7 +49,7 @@ def count_loadable(dataset, workers: int, desc: str) -> tuple[Counter, int]:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="selfsup-data", description=__doc__)
+    parser = CommandParser(prog="selfsup-data", description=__doc__)
     parser.add_argument("dataset", help=f"one of: {', '.join(dataset_names())}")
     parser.add_argument(
         "--data-root", default=None, help="folder holding the datasets (default: $SELFSUP_DATA or ./data)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from selfsup.config import CommandParser
 from selfsup.errors import UsageError, exits_cleanly
 
 FORMAT_HELP = (
@@ -19,7 +20,7 @@ FORMAT_HELP = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from selfsup.weights import ENCODERS, FORMATS
 
-    parser = argparse.ArgumentParser(prog="selfsup-weights", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="selfsup-weights", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("import", help="write a released checkpoint in the project's format")
     cmd.add_argument("file", help="the released file (.pth, .pth.tar), or a timm name with --format timm")

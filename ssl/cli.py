@@ -6,16 +6,14 @@ when stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with ``resume=au
 
 from __future__ import annotations
 
-import argparse
-
-from selfsup.config import load_config, parse_command
+from selfsup.config import CommandParser, load_config, parse_command
 from selfsup.errors import exits_cleanly
 from selfsup.precision import add_precision_flag
 from selfsup.ssl.settings import PretrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="pretrain",
         description="MoCo v3 pretraining of a ViT; exports OUT/backbone.safetensors. "
         "Any config key can be set as key=value (nested with dots, e.g. optim.base_lr=1e-4).",

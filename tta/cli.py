@@ -7,9 +7,7 @@ forgetting), OUT/results.json and OUT/config.yaml. Exit codes: 0 done, 2 bad inp
 
 from __future__ import annotations
 
-import argparse
-
-from selfsup.config import load_config, parse_command
+from selfsup.config import CommandParser, load_config, parse_command
 from selfsup.errors import UsageError, exits_cleanly
 from selfsup.precision import add_precision_flag
 from selfsup.tta.settings import TTAConfig
@@ -18,7 +16,7 @@ KEYS = {"method": "methods"}  # flags named otherwise than their config key
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="tta",
         description="Test-time adaptation of a classifier on a corruption benchmark (CIFAR-10-C, CIFAR-100-C, "
         "ImageNet-C, or a set built by python -m selfsup.tta.generate or generate_imagenet_c). Any config key can be set as key=value.",
