@@ -451,7 +451,8 @@ def parse_command(
     config. A repeated flag's list is passed as one JSON list (a YAML flow list that quotes any path).
     The flags become overrides first, then the positional ones (so a positional override wins).
     """
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    if "overrides" not in {action.dest for action in parser._actions}:  # a parser parsed twice
+        parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)  # key=value before and after the flags
     keys = {"config": None, "overrides": None, **(keys or {})}
     named = [

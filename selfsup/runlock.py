@@ -57,7 +57,13 @@ def claim(out: str | Path) -> None:
     key = _key(out)
     if key in _held:
         return
-    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited across exec
+    try:
+        fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited across exec
+    except OSError as error:
+        raise UsageError(
+            f"out={out}: cannot open its lock file {key / LOCK_FILE} ({error.strerror}); "
+            "fix the folder's permissions or choose another out=..."
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -67,6 +73,12 @@ def claim(out: str | Path) -> None:
         raise UsageError(
             f"out={out} is in use by another run ({who}); wait for it to end or stop it, "
             "or choose another out=..."
+        ) from None
+    except OSError as error:  # ENOLCK: a file system without locks (some NFS mounts)
+        os.close(fd)
+        raise UsageError(
+            f"out={out} cannot be locked ({error.strerror}): its file system gives no locks; "
+            "choose an out= on a local or lock-capable file system"
         ) from None
     found = os.fstat(fd)
     _held[key] = _Hold(fd, os.pread(fd, found.st_size, 0), (found.st_atime_ns, found.st_mtime_ns))

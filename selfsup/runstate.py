@@ -202,7 +202,13 @@ def load_position(checkpoint: Path) -> Position:
     record = json.loads((checkpoint / STATE_FILE).read_text())
     record.pop("files", None)
     record.pop("sha256", None)
-    return Position(**record)
+    try:
+        return Position(**record)
+    except TypeError as error:  # another version's or a hand-edited state file
+        raise UsageError(
+            f"{checkpoint / STATE_FILE} is not a run state this version reads ({error}); "
+            "use resume=never or an older checkpoint"
+        ) from None
 
 
 def save(

@@ -24,10 +24,10 @@ from selfsup import runlock
 runlock.claim(sys.argv[1])
 child = os.fork() if sys.argv[2:] == ["fork"] else 1
 if child == 0:  # runs only after the fork hooks: its copy of the lock is closed by now
-    print("child", flush=True)
+    os.write(1, b"child\\n")  # one write each: two processes share the pipe
     time.sleep(300)
     os._exit(0)
-print("held", child, flush=True)
+os.write(1, f"held {child}\\n".encode())
 time.sleep(300)
 """
 
