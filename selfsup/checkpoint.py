@@ -28,7 +28,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
 from selfsup.errors import UsageError
-from selfsup.files import atomic_write_bytes
+from selfsup.files import atomic_write_bytes, file_sha256
 from selfsup.models import BackboneSpec, create_backbone, is_vit, timm_pretrained_cfg, timm_rebuild_args
 from selfsup.shapes import apply_shapes
 from selfsup.transforms import eval_crop_pct
@@ -207,11 +207,7 @@ def content_hash(path: str | Path) -> str:
     A cache key: replaced weights at the same path get a new key, or an error if the sidecar disagrees.
     """
     target, meta = _weights_file(path)
-    digest = hashlib.sha256()
-    with open(target, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return _check_digest(target, digest.hexdigest(), meta)
+    return _check_digest(target, file_sha256(target), meta)
 
 
 def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ folder cannot be written fails before it computes anything.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -207,3 +208,9 @@ def json_safe(value: Any) -> Any:
 def dumps_strict(value: Any, **kwargs: Any) -> str:
     """``json.dumps`` that writes null for NaN/inf instead of the non-standard ``NaN``."""
     return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's SHA-256, streamed (the one digest of files: checkpoints, run states, imported weights)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from selfsup.config import setting
 from selfsup.errors import UsageError
-from selfsup.files import atomic_write_bytes, disk_errors_at
+from selfsup.files import atomic_write_bytes, disk_errors_at, file_sha256
 
 if TYPE_CHECKING:  # torch, accelerate and safetensors load when a checkpoint does: configs import this module
     from torch import nn
@@ -116,11 +116,6 @@ def complete_checkpoints(out: str | Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def damaged_file(folder: Path) -> str | None:
     """The first file of a complete checkpoint whose bytes differ from the SHA-256 recorded when it
     was saved (a flipped bit, a file replaced by one of the same size); None when all match, or for
@@ -128,7 +123,7 @@ def damaged_file(folder: Path) -> str | None:
     recorded = json.loads((folder / STATE_FILE).read_text()).get("sha256") or {}
     for name, digest in recorded.items():
         try:
-            if _sha256(folder / name) != digest:
+            if file_sha256(folder / name) != digest:
                 return name
         except OSError:
             return name
@@ -260,7 +255,11 @@ def _record(folder: Path, position: Position) -> dict[str, Any]:
     """runstate.json: the position, and the size and SHA-256 of every file saved beside it (checked
     at resume by :func:`is_complete` and :func:`damaged_file`)."""
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-    return {**asdict(position), "files": files, "sha256": {name: _sha256(folder / name) for name in files}}
+    return {
+        **asdict(position),
+        "files": files,
+        "sha256": {name: file_sha256(folder / name) for name in files},
+    }
 
 
 def _save_state(accelerator, folder: Path) -> None:

@@ -28,7 +28,6 @@ pooling) is read from the tensors and checked by a strict load.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import pickle
 from dataclasses import dataclass, replace
@@ -42,7 +41,7 @@ from torch import nn
 
 from selfsup.checkpoint import CheckpointMeta, adapt_state_dict, load_state_checked, save_checkpoint
 from selfsup.errors import UsageError
-from selfsup.files import ensure_writable_dir
+from selfsup.files import ensure_writable_dir, file_sha256
 from selfsup.models import BackboneSpec, create_backbone, patch_grid_problem, sincos_pos_embed
 
 # what each file format holds, as a refusal names it
@@ -88,14 +87,6 @@ class Imported:
     def source(self) -> dict[str, Any]:
         found = {"format": self.format, "file": self.file, "sha256": self.sha256}
         return found | ({"encoder": self.encoder} if self.encoder else {})
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_tensors(path: Path) -> Any:
