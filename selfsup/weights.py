@@ -17,7 +17,11 @@ Key layouts read, with the names the releasing code saves (a file is read with
   dropped) or a fine-tuned classifier (``fc_norm``: average pooling, as timm's ``global_pool='avg'``).
 * ``dino``: DINO's plain ViT state dict (``dino_vitbase16_pretrain.pth``, github.com/facebookresearch/dino);
   a ``backbone.`` prefix is stripped and DINO's projection head dropped.
-* ``timm``: a timm model name with its pretrained tag, loaded by timm itself (hub or cache).
+* ``timm``: a timm model name with its pretrained tag, loaded by timm itself (hub or cache); a tag
+  with a classifier (``vit_base_patch16_224.augreg_in21k_ft_in1k``) is imported with it, its classes
+  named as timm names them (``pretrained_cfg['label_names']``, else the ImageNet subset timm infers).
+
+``head="drop"`` (``--head drop``) imports any of them as a backbone, without a classifier.
 
 Every ViT key of these files is already timm's (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
 ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``, ``fc_norm``, ``head``): the
@@ -36,7 +40,7 @@ from typing import Any
 
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo, infer_imagenet_subset
 from torch import nn
 
 from selfsup.checkpoint import CheckpointMeta, adapt_state_dict, load_state_checked, save_checkpoint
@@ -55,6 +59,7 @@ EXPECTED = {
 FILE_FORMATS = tuple(EXPECTED)
 FORMATS = ("auto", *FILE_FORMATS, "timm")
 ENCODERS = ("base", "momentum")
+HEADS = ("keep", "drop")  # a file's or timm tag's classifier: imported with it, or a backbone alone
 MOCO_FAMILY = ("moco-v3", "mocov3-lincls", "deit")
 # --arch when not given, by embedding width: MoCo v3's ViT-S has 12 heads where timm's (DINO's) has 6
 MOCO_ARCH_BY_WIDTH = {192: "moco_vit_tiny", 384: "moco_vit_small", 768: "moco_vit_base"}
@@ -269,10 +274,28 @@ def class_names(num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+def timm_class_names(model: nn.Module) -> list[str]:
+    """The classes of a timm model's head as timm names them: its ``pretrained_cfg['label_names']``,
+    else the labels of the ImageNet subset timm infers from the tag (``infer_imagenet_subset``: the
+    WordNet ids of in1k, in21k, ...), else :func:`class_names`."""
+    n = int(model.num_classes)
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if not names and (subset := infer_imagenet_subset(model)):
+        names = ImageNetInfo(subset).label_names()
+    return [str(c) for c in names] if names and len(names) == n else class_names(n)
+
+
 def write_checkpoint(
-    model: nn.Module, spec: BackboneSpec, source: dict[str, Any], out: str | Path, norm=None, config=None
+    model: nn.Module,
+    spec: BackboneSpec,
+    source: dict[str, Any],
+    out: str | Path,
+    norm=None,
+    config=None,
+    labels: list[str] | None = None,
 ) -> Path:
-    """``OUT/backbone`` (or ``OUT/classifier`` with a head) in the project's format, naming its source."""
+    """``OUT/backbone`` (or ``OUT/classifier`` with a head, its classes ``labels`` or :func:`class_names`)
+    in the project's format, naming its source."""
     n = int(getattr(model, "num_classes", 0) or 0)
     mean, std = norm or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     meta = CheckpointMeta(
@@ -282,7 +305,7 @@ def write_checkpoint(
         std=tuple(std),
         stage="import",
         num_classes=n,
-        class_names=class_names(n) if n else [],
+        class_names=(labels or class_names(n)) if n else [],
         config=config or {},
         parent_sha256=source.get("sha256", ""),
         source=source,
@@ -299,8 +322,10 @@ def import_file(
     arch: str | None = None,
     num_heads: int | None = None,
     img_size: int | None = None,
+    head: str = "keep",
 ) -> tuple[Path, str]:
-    """Import a released file; returns the written checkpoint and the format it was read as."""
+    """Import a released file; returns the written checkpoint and the format it was read as.
+    ``head="drop"``: a classifier's head is left out (a backbone is written)."""
     path = Path(path)
     obj = read_tensors(path)
     if fmt == "auto":
@@ -308,14 +333,16 @@ def import_file(
         if not fmt:
             expected = "; ".join(f"{name}: {what}" for name, what in EXPECTED.items())
             raise UsageError(f"{path} has no known key layout (expected {expected}); found {describe(obj)}")
-    imported = Imported(
-        extract(obj, fmt, encoder), fmt, path.name, file_sha256(path), encoder if fmt == "moco-v3" else ""
-    )
+    state = extract(obj, fmt, encoder)
+    if head == "drop":
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    imported = Imported(state, fmt, path.name, file_sha256(path), encoder if fmt == "moco-v3" else "")
     spec = infer_spec(imported.state, fmt, arch, num_heads)
     model = create_backbone(spec, num_classes=imported.num_classes)
     load_state_checked(model, imported.state, f"{path} read as {fmt} with --arch {spec.arch}")
     model, spec = _at_size(model, spec, img_size, str(path))
     settings = {"file": str(path), "format": fmt, "encoder": encoder, "arch": arch, "num_heads": num_heads}
+    settings["head"] = head
     return write_checkpoint(model, spec, imported.source(), out, config=settings), fmt
 
 
@@ -343,14 +370,19 @@ def _timm_spec(name: str, loaded: nn.Module) -> BackboneSpec:
     )
 
 
-def import_timm(name: str, out: str | Path, img_size: int | None = None) -> tuple[Path, str]:
-    """A timm model's pretrained backbone (``name`` with its tag), through timm's own loading; the
-    classifier is dropped and the normalization is the tag's."""
+def import_timm(
+    name: str, out: str | Path, img_size: int | None = None, head: str = "keep"
+) -> tuple[Path, str]:
+    """A timm model's pretrained weights (``name`` with its tag), through timm's own loading, with the
+    tag's normalization: a classifier where the tag has a head (its classes named by
+    :func:`timm_class_names`), a backbone where it has none or ``head="drop"``."""
     if not timm.is_model(name):
         raise UsageError(f"'{name}' is not a timm model name (e.g. vit_base_patch16_224.augreg_in21k)")
     options = {"img_size": img_size} if img_size else {}
+    if head == "drop":
+        options["num_classes"] = 0
     try:
-        loaded = timm.create_model(name, pretrained=True, num_classes=0, **options)
+        loaded = timm.create_model(name, pretrained=True, **options)
     except TypeError:
         raise UsageError(f"{name} has no fixed input size to set: leave out --img-size") from None
     except Exception as err:  # not cached and no network, an unknown tag, a hub error: one fix for all
@@ -361,9 +393,12 @@ def import_timm(name: str, out: str | Path, img_size: int | None = None) -> tupl
             'pretrained=True)") and copy the Hugging Face cache (~/.cache/huggingface) here'
         ) from None
     spec = _timm_spec(name, loaded)
-    model = create_backbone(spec)  # the spec must rebuild what timm loaded, strictly
+    n = int(loaded.num_classes)
+    model = create_backbone(spec, num_classes=n)  # the spec must rebuild what timm loaded, strictly
     load_state_checked(model, loaded.state_dict(), f"timm's {name}")
     cfg = loaded.pretrained_cfg
     source = {"format": "timm", "file": name, "sha256": _hub_file_sha256(cfg)}
-    settings = {"name": name, "format": "timm", "img_size": img_size}
-    return write_checkpoint(model, spec, source, out, (cfg["mean"], cfg["std"]), settings), "timm"
+    settings = {"name": name, "format": "timm", "img_size": img_size, "head": head}
+    labels = timm_class_names(loaded) if n else None
+    norm = (cfg["mean"], cfg["std"])
+    return write_checkpoint(model, spec, source, out, norm, settings, labels), "timm"

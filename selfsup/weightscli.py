@@ -18,7 +18,7 @@ FORMAT_HELP = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from selfsup.weights import ENCODERS, FORMATS
+    from selfsup.weights import ENCODERS, FORMATS, HEADS
 
     parser = CommandParser(prog="selfsup-weights", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cmd.add_argument(
         "--num-heads", type=int, help="attention heads, where --arch's default is not the file's"
     )
+    cmd.add_argument(
+        "--head",
+        default="keep",
+        choices=HEADS,
+        help="a classifier's head (lincls, DeiT, fine-tuned MAE, a timm tag with classes): keep it "
+        "(classifier.safetensors) or drop it (backbone.safetensors)",
+    )
     cmd.add_argument("--img-size", type=int, help="resolution to write (position embedding resampled)")
     cmd.add_argument("--out", required=True, help="folder for backbone.safetensors (classifier.safetensors)")
     return parser.parse_args(argv)
@@ -51,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     from selfsup.weights import import_file, import_timm
 
     if args.format == "timm":
-        path, fmt = import_timm(args.file, args.out, args.img_size)
+        path, fmt = import_timm(args.file, args.out, args.img_size, args.head)
     else:
         path, fmt = import_file(
-            args.file, args.out, args.format, args.encoder, args.arch, args.num_heads, args.img_size
+            args.file, args.out, args.format, args.encoder, args.arch, args.num_heads, args.img_size, args.head
         )
     print(f"read {args.file} as {fmt}; wrote {path} (+ {path.with_suffix('.json').name})")
     print(f"in stock timm (no selfsup needed): import timm; model = {timm_call(path)}")

@@ -174,6 +174,17 @@ def test_another_resolution_resamples_a_learned_table_and_rebuilds_a_sincos_one(
     assert meta.img_size == 48 and torch.allclose(net.pos_embed, sincos_pos_embed((6, 6), 32), atol=1e-6)
 
 
+def test_head_drop_imports_a_classifier_file_as_its_backbone(tmp_path):
+    obj, model = lincls_file()
+    imported(tmp_path, obj, "--head", "drop", *MOCO_ARGS)
+    ours, meta = load_backbone(tmp_path / "out" / "backbone.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert meta.num_classes == 0 and torch.allclose(ours.eval()(x), features, atol=1e-5)
+    assert not (tmp_path / "out" / "classifier.safetensors").exists()
+
+
 class Payload:
     """What a malicious checkpoint carries: unpickling it would create the marker file."""
 
@@ -217,25 +228,31 @@ def _offline_hub(monkeypatch, cache):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
 
 
-def test_a_timm_name_loads_from_the_cache_and_is_refused_in_one_line_when_not_cached(
-    tmp_path, monkeypatch, capsys
-):
+def _cached_hub_model(hub, name, classes):
+    """A random timm model saved in the Hugging Face cache as a download of ``name`` leaves it:
+    refs/main names the snapshot holding model.safetensors. Returns the model and the snapshot."""
     from safetensors.torch import save_file
 
-    name = "vit_tiny_patch16_224.augreg_in21k"
-    _offline_hub(monkeypatch, tmp_path / "hub")
-    err = refused(capsys, name, "--format", "timm", "--out", str(tmp_path / "out"))
-    assert "neither cached nor reachable" in err
-    # the Hugging Face cache as a download leaves it: refs/main names the snapshot holding the file
-    repo = tmp_path / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k"
+    repo = hub / f"models--timm--{name}"
     snapshot = repo / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=21843).eval()
+    model = timm.create_model(name.split(".")[0], num_classes=classes).eval()
     save_file(model.state_dict(), snapshot / "model.safetensors")
-    assert main(["import", name, "--format", "timm", "--out", str(tmp_path / "out")]) == 0
+    return model, snapshot
+
+
+def test_a_timm_name_loads_from_the_cache_and_is_refused_in_one_line_when_not_cached(
+    tmp_path, monkeypatch, capsys
+):
+    name = "vit_tiny_patch16_224.augreg_in21k"
+    _offline_hub(monkeypatch, tmp_path / "hub")
+    err = refused(capsys, name, "--format", "timm", "--out", str(tmp_path / "out"))
+    assert "neither cached nor reachable" in err
+    model, snapshot = _cached_hub_model(tmp_path / "hub", name, 21843)
+    assert main(["import", name, "--format", "timm", "--head", "drop", "--out", str(tmp_path / "out")]) == 0
     path = tmp_path / "out" / "backbone.safetensors"
     meta = read_meta(path)
     assert meta.source["file"] == name and meta.mean == [0.5, 0.5, 0.5]  # the tag's normalization
@@ -244,6 +261,25 @@ def test_a_timm_name_loads_from_the_cache_and_is_refused_in_one_line_when_not_ca
     with torch.no_grad():
         features = model.forward_head(model.forward_features(x), pre_logits=True)  # timm's, headless
         assert torch.allclose(load_backbone(path)[0].eval()(x), features, atol=1e-5)
+
+
+def test_a_timm_tag_with_a_classifier_imports_as_one_with_timms_class_names(tmp_path, monkeypatch):
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    _offline_hub(monkeypatch, tmp_path / "hub")
+    model, snapshot = _cached_hub_model(tmp_path / "hub", name, 1000)
+    assert main(["import", name, "--format", "timm", "--out", str(tmp_path / "out")]) == 0
+    path = tmp_path / "out" / "classifier.safetensors"
+    meta = read_meta(path)
+    assert meta.num_classes == 1000 and meta.class_names[:2] == ["n01440764", "n01443537"]  # in1k's
+    assert meta.source == {"format": "timm", "file": name, "sha256": meta.parent_sha256}
+    ours = load_backbone(path, num_classes=1000)[0].eval()
+    plain = eval(timm_call(path), {"timm": timm}).eval()  # the sidecar's line, no selfsup
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(ours(x), expected, atol=1e-5) and torch.allclose(plain(x), expected, atol=1e-5)
+    assert main(["import", name, "--format", "timm", "--head", "drop", "--out", str(tmp_path / "drop")]) == 0
+    assert read_meta(tmp_path / "drop" / "backbone.safetensors").num_classes == 0
 
 
 def test_fine_tuning_an_imported_backbone_keeps_the_chain_and_the_probe_reads_it(tmp_path, capsys):
