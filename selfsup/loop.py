@@ -201,6 +201,34 @@ def _short(value: Any, limit: int = 5) -> str:
     return str(value)
 
 
+def shared_resume(accelerator: Accelerator, resume: str, out: str | Path) -> Path | None:
+    """Collective: the checkpoint every process resumes from (None: a fresh start), as the main
+    process resolves it (:func:`runstate.resolve_resume`).
+
+    The main process first repairs what a killed save left in ``out`` (a checkpoint set aside comes
+    back, temporary folders go); a process listing the folder meanwhile could pick another
+    checkpoint, so the others take the main process's answer, or its refusal (the same one line in
+    every process), broadcast (``torch.distributed.broadcast_object_list``, as accelerate's helper).
+    """
+
+    def decide() -> tuple[str, str | None]:
+        try:
+            found = runstate.resolve_resume(resume, out, recover=True)
+        except UsageError as err:
+            return "refused", str(err)
+        return "resume", None if found is None else str(found)
+
+    decision = on_main(accelerator, decide)  # a crash there stops the others (see on_main)
+    if accelerator.num_processes > 1:
+        box = [decision]
+        dist.broadcast_object_list(box, src=0, device=accelerator.device)
+        decision = box[0]
+    kind, value = decision
+    if kind == "refused":
+        raise UsageError(value)
+    return None if value is None else Path(value)
+
+
 def resume_point(
     settings: RunSettings,
     config: Any,
@@ -210,17 +238,22 @@ def resume_point(
     dataset: Any = None,
     *,
     main: bool = True,
+    accelerator: Accelerator | None = None,
 ) -> tuple[Path | None, runstate.Position]:
     """The checkpoint a run continues (None: a fresh start) and the position it starts at, after
     every refusal and before anything is written or loaded, so a stage may call it ahead of its own
     first write: another recipe (keys not in ``resumable``), a ``same_data`` entry of ``data`` (such
     as the class names) other than the checkpoint's, or other training images (``dataset``, see
     :func:`runstate.dataset_identity`). ``force_resume`` makes a changed recipe or changed images
-    a warning instead."""
+    a warning instead. With ``accelerator``, the checkpoint is the main process's choice
+    (:func:`shared_resume`); without, each caller resolves it (``main``: the one that repairs)."""
     requested = to_dict(config)
     identity = runstate.dataset_identity(dataset) if dataset is not None else {}
     fresh = runstate.Position(data=data, config=requested, data_identity=identity)
-    checkpoint = runstate.resolve_resume(settings.resume, settings.out, recover=main)
+    if accelerator is not None:
+        checkpoint = shared_resume(accelerator, settings.resume, settings.out)
+    else:
+        checkpoint = runstate.resolve_resume(settings.resume, settings.out, recover=main)
     if checkpoint is None:
         return None, fresh
     stored = runstate.load_position(checkpoint)
@@ -284,7 +317,7 @@ class TrainingRun:
         training images, whose identity the checkpoint records. Returns the checkpoint resumed from."""
         accelerator, out, s = self.accelerator, self.out, self.settings
         checkpoint, self.position = resume_point(
-            s, config, data, self.resumable, same_data, dataset, main=accelerator.is_main_process
+            s, config, data, self.resumable, same_data, dataset, accelerator=accelerator
         )
         if checkpoint is not None:
             runstate.load_state(accelerator, checkpoint, self.modules)

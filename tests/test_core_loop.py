@@ -211,3 +211,43 @@ def test_updates_skipped_by_the_fp16_scaler_are_logged_and_never_count_as_diverg
     saved = load_file(str(last / runstate.MODEL_FILE))
     assert all(torch.equal(saved[k], initial[k]) for k in initial)  # no update reached the weights
     assert runstate.load_position(last).scaler_skipped == 12  # saved, so a resume keeps counting
+
+
+class FakeAccelerator:
+    """What :func:`selfsup.loop.shared_resume` reads of an Accelerator, for one of two processes."""
+
+    def __init__(self, main: bool):
+        self.is_main_process, self.num_processes, self.device = main, 2, torch.device("cpu")
+
+
+def test_every_process_resumes_from_the_checkpoint_the_main_process_resolved(tmp_path, monkeypatch):
+    """Only the main process repairs a folder a kill left half-done; the others take its decision
+    (broadcast) rather than listing a folder that is being repaired under them."""
+    import torch.distributed as dist
+
+    from selfsup.loop import shared_resume
+
+    toy_run(ToyConfig(str(tmp_path), max_steps=8, save_every_steps=4))
+    root = runstate.checkpoint_root(tmp_path)
+    latest, aside = root / "step_00000008", root / ".old-step_00000008"
+    latest.rename(aside)  # killed while saving step 8 again: set aside, not yet replaced
+    sent = []
+
+    def broadcast(objects, src=0, device=None):  # the main process sends first, the other receives
+        if sent:
+            objects[0] = sent[0]
+        else:
+            sent.append(objects[0])
+
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor: None)  # on_main's failure flag: none failed
+    assert shared_resume(FakeAccelerator(True), "auto", tmp_path) == latest  # repaired, then chosen
+    latest.rename(aside)  # what the other process would list mid-repair: step 8 missing
+    assert shared_resume(FakeAccelerator(False), "auto", tmp_path) == latest
+
+    sent.clear()
+    with pytest.raises(UsageError, match="not a complete checkpoint folder") as refusal:
+        shared_resume(FakeAccelerator(True), str(tmp_path / "nowhere"), tmp_path)
+    with pytest.raises(UsageError) as other:  # the same one line in every process
+        shared_resume(FakeAccelerator(False), "auto", tmp_path)
+    assert str(other.value) == str(refusal.value)
