@@ -393,7 +393,7 @@ class TrainingRun:
         if position.step == 0 and at_epoch is not None:
             at_epoch(0)
         while position.step < self.end:
-            epoch = position.step // self.steps_per_epoch
+            epoch, first = position.step // self.steps_per_epoch, position.step
             self._tick = time.perf_counter()
             for batch in batches(epoch, position.step - epoch * self.steps_per_epoch):
                 stop = self._one_step(step, batch, epoch)
@@ -404,11 +404,23 @@ class TrainingRun:
                 if self.settings.save_every_steps and position.step % self.settings.save_every_steps == 0:
                     self._save_unless_diverging()
                 self._tick = time.perf_counter()  # the next step's data time starts after the save
+            if position.step == first:  # re-entering would wait for a batch forever
+                raise self._no_batch(epoch)
             if self._epoch_complete(epoch):
                 self._end_epoch(epoch, at_epoch)
         if self._saved_at != position.step:  # a folder of this step not saved by this run is a damaged one
             self._save_unless_diverging()  # the final checkpoint, unless a save at this step made it
         return "finished"
+
+    def _no_batch(self, epoch: int) -> UsageError:
+        """A pass over the data that gave no batch at all. A short pass is re-entered (a stream
+        restarts, as :class:`~selfsup.sampling.EndlessBatches` does), an empty one never fills a step."""
+        return UsageError(
+            f"the training data gave no batch for step {self.position.step} (epoch {epoch + 1} needs "
+            f"{self.steps_per_epoch} batches of {self.images_per_step} images): a stream with fewer images "
+            "than one batch per process (or fewer shards than processes x workers) never fills one; "
+            "use more data or shards, fewer num_workers or a smaller batch_size"
+        )
 
     def _one_step(self, step: Step, batch: Any, epoch: int) -> bool:
         """Forward, agree across processes, update (or count the NaN), log; True if a stop was asked."""

@@ -251,3 +251,20 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_resolved(tmp
     with pytest.raises(UsageError) as other:  # the same one line in every process
         shared_resume(FakeAccelerator(False), "auto", tmp_path)
     assert str(other.value) == str(refusal.value)
+
+
+@pytest.mark.timeout(30)  # the loop used to re-enter an epoch that gives no batch forever
+def test_data_that_gives_no_batch_for_a_step_is_one_line_instead_of_a_hang(tmp_path):
+    config = ToyConfig(str(tmp_path))
+    accelerator = make_accelerator("no")
+    settings = RunSettings.of(config)
+    run = TrainingRun(accelerator, settings, STEPS_PER_EPOCH, stage="toy", resumable=RUN_KEYS, images_per_step=8)
+    run.start(config, {})
+    model = nn.Linear(1, 1)
+    step = ToyStep(accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1), config.lr, config.epochs)
+
+    def short(epoch: int, first: int):  # a stream with fewer images than one batch: no batch at all
+        return iter(())
+
+    with run, pytest.raises(UsageError, match=r"no batch for step 0 .*4 batches of 8 images"):
+        run.steps(step, short)
