@@ -20,6 +20,7 @@ from selfsup.checkpoint import (
     content_hash,
     load_classifier,
     save_checkpoint,
+    source_line,
     weights_path,
 )
 from selfsup.compress import measure, summary
@@ -297,8 +298,11 @@ def _report(config: CompressConfig, meta: CheckpointMeta, bench: Bench) -> tuple
         f"**Machine** {describe_cpu()}; {torch.get_num_threads()} threads for torch and ONNX Runtime alike; "
         f"latency: median of {config.latency_repeats} runs after a warm-up, in this process.",
     ]
+    if line := source_line(meta.source):
+        facts.insert(1, line)  # the classifier descends from a released file
     paths = summary.write(out, "Compression: " + Path(config.checkpoint).name, facts, bench.variants)
-    payload = {"config": to_dict(config), "variants": [dataclasses.asdict(v) for v in bench.variants]}
+    payload = {"config": to_dict(config), "source": meta.source}
+    payload["variants"] = [dataclasses.asdict(v) for v in bench.variants]
     payload.update(images=len(bench.labels), skipped=bench.skipped)
     atomic_write_bytes(out / "metrics.json", json.dumps(payload, indent=2).encode())
     return summary.markdown_table(bench.variants), paths
@@ -325,5 +329,6 @@ def _save_pruned(
         parent_sha256=content_hash(config.checkpoint),
         shapes=shape_manifest(model, reference),
         timm={},  # stock timm cannot build the pruned shapes
+        source=dict(meta.source),  # the released file the classifier descends from, if any
     )
     return save_checkpoint(path, model.state_dict(), pruned_meta)

@@ -303,6 +303,38 @@ def test_fine_tuning_an_imported_backbone_keeps_the_chain_and_the_probe_reads_it
     assert code == 0 and metrics["models"][0]["weights_sha256"] == imported_meta.weights_sha256
 
 
+def test_tta_and_compress_of_a_classifier_fine_tuned_from_an_imported_file_name_that_file(tmp_path, capsys):
+    import numpy as np
+
+    from selfsup.compress.cli import main as compress
+    from selfsup.finetune.cli import main as finetune
+    from selfsup.tta.cli import main as tta
+    from selfsup.tta.generate import generate
+
+    obj, _ = moco_v3_file()
+    source = imported(tmp_path, obj, *MOCO_ARGS)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    run = tmp_path / "ft"
+    finetune(["--dataset", "digits", "--checkpoint", str(tmp_path / "out" / "backbone.safetensors")]
+             + ["--out", str(run), *TWO_STEPS, *QUIET])  # fmt: skip
+    classifier = str(run / "best.safetensors")
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    generate(images, np.arange(8) % 10, tmp_path / "set", ["contrast"], (5,), source="test")
+    tta(["--checkpoint", classifier, "--dataset", str(tmp_path / "set"), "--method", "source"]
+        + ["--batch-size", "4", "--out", str(tmp_path / "tta"), "corruptions=contrast"])  # fmt: skip
+    compress(["--checkpoint", classifier, "--dataset", "digits", "--prune", "l1", "--target-macs", "0.7"]
+             + ["--out", str(tmp_path / "compress"), "latency_repeats=1", "latency_batches=[1]"]
+             + ["measure_memory=false", "progress_bar=false", "threads=1"])  # fmt: skip
+    capsys.readouterr()
+    line = f"Weights imported from {source.name} (moco-v3, base encoder, SHA-256 {digest[:12]})."
+    for folder, results in (("tta", "results.json"), ("compress", "metrics.json")):
+        assert line in (tmp_path / folder / "report.md").read_text()
+        found = json.loads((tmp_path / folder / results).read_text())["source"]
+        assert found == {"format": "moco-v3", "file": source.name, "sha256": digest, "encoder": "base"}
+    pruned = read_meta(tmp_path / "compress" / "pruned.safetensors")
+    assert pruned.source["sha256"] == digest and pruned.stage == "compress"
+
+
 # --- the reproduction scripts, one step each on a tiny stand-in of the released layout ----------
 
 STAND_IN_FINETUNE = ["dataset=digits", "img_size=32", "patch_size=8", "save_every_epochs=0", "eval_every=1"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from selfsup.accel import default_device
+from selfsup.checkpoint import source_line
 from selfsup.config import save_config
 from selfsup.errors import UsageError
 from selfsup.files import ensure_writable_dir
@@ -64,7 +65,9 @@ def run(config) -> tuple[str, dict[str, Path]]:
         f"**Machine** {describe_cpu() if device.type == 'cpu' else torch.cuda.get_device_name(device)}; "
         f"precision {config.mixed_precision}.",
     ]
+    if line := source_line(bench.meta.source):
+        facts.insert(1, line)  # the classifier descends from a released file
     title = f"Test-time adaptation: {corruption_set.root.name}, severity {config.severity}, {config.protocol}"
-    paths = summary.write(out, title, facts, results, names)
+    paths = summary.write(out, title, facts, results, names, bench.meta.source)
     tables = markdown("", [summary.error_table(results, names), summary.cost_table(results)])
     return tables.lstrip("# \n"), paths

@@ -88,8 +88,15 @@ def cost_table(results: list[MethodResult]) -> Block:
 
 
 def write(
-    out: Path, title: str, facts: list[str], results: list[MethodResult], names: tuple[str, ...]
+    out: Path,
+    title: str,
+    facts: list[str],
+    results: list[MethodResult],
+    names: tuple[str, ...],
+    source: dict | None = None,
 ) -> dict:
+    """report.md/html and results.json; ``source``: the released file the classifier descends from
+    (its sidecar's ``source``, {} for weights this project pretrained)."""
     figure = plots.plot_grouped_bars(
         {r.method: r.errors for r in results}, "top-1 error (%)", out / "figures" / "errors.png", names
     )
@@ -113,6 +120,7 @@ def write(
     payload = {
         "title": title,
         "facts": facts,
+        "source": source or {},
         "corruptions": list(names),
         "results": [dataclasses.asdict(r) for r in results],
     }
