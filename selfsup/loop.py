@@ -15,8 +15,9 @@ backward, optimizer step), run identically by 1 or W processes:
 * SIGTERM/SIGINT save a checkpoint at the next step boundary (the processes agree in the same
   all-reduce as the loss) and :meth:`TrainingRun.steps` returns ``"interrupted"``;
 * a NaN/inf loss skips the update; ``max_nan_steps`` in a row raise :class:`TrainingDiverged`,
-  keeping the last checkpoint from before (none is saved during a streak); an update that fp16's
-  gradient scaler skips (overflowing gradients, finite loss) is logged and counted, not a NaN step;
+  keeping the last checkpoint from before (none is saved during a streak, not even at a stop
+  signal: the stop line says so); an update that fp16's gradient scaler skips (overflowing
+  gradients, finite loss) is logged and counted, not a NaN step;
 * one record per step goes to the :class:`~selfsup.runlog.RunLog`.
 """
 
@@ -43,6 +44,10 @@ from selfsup.config import save_config, to_dict
 from selfsup.errors import EXIT_DIVERGED, UsageError
 from selfsup.files import describe_os_error, ensure_writable_dir, is_user_os_error, remove_orphan_temporaries
 from selfsup.runlog import RunLog
+
+# What the last stop signal of this process's run left on disk, for run_command's line: a stage's
+# result carries the signal, not whether its checkpoint could be saved (none is during a NaN streak).
+_stop_outcome: list[str] = []
 
 
 class TrainingDiverged(Exception):
@@ -166,9 +171,10 @@ def run_command(train: Callable[[Any], Any], config: Any, continue_with: str) ->
     """A stage command's run: ``train(config)``, with the exit codes every training command shares.
 
     Divergence is one error line and :data:`~selfsup.errors.EXIT_DIVERGED`; a run stopped by
-    SIGTERM/SIGINT (its checkpoint saved) says how to continue (``continue_with``, formatted with
+    SIGTERM/SIGINT says what it saved and how to continue (``continue_with``, formatted with
     ``out``) and exits 128 + the signal. Otherwise the finished run's result is returned.
     """
+    _stop_outcome.clear()
     try:
         result = train(config)
     except TrainingDiverged as err:
@@ -178,7 +184,8 @@ def run_command(train: Callable[[Any], Any], config: Any, continue_with: str) ->
         runlock.release(config.out)  # the command's run is over (held since start_process)
     if result.status == "interrupted":
         print(
-            f"stopped at step {result.step}/{result.total_steps} (signal {result.signal}); checkpoint saved, "
+            f"stopped at step {result.step}/{result.total_steps} (signal {result.signal}); "
+            f"{_stop_outcome[-1] if _stop_outcome else 'checkpoint saved'}, "
             f"continue with{continue_with.format(out=result.out)}",
             file=sys.stderr,
         )
@@ -473,9 +480,19 @@ class TrainingRun:
         before its save), a checkpoint of this step, and the signal recorded for the exit code."""
         if self._epoch_complete(epoch) and at_epoch is not None:
             at_epoch(epoch + 1)
-        self._save_unless_diverging()
+        saved = self._save_unless_diverging()
         self.signal = self._signals.requested or 15
+        _stop_outcome[:] = ["checkpoint saved" if saved else self._unsaved()]
         return "interrupted"
+
+    def _unsaved(self) -> str:
+        """Why a stop saved nothing, and what a resume continues from instead."""
+        saved = runstate.complete_checkpoints(self.out)
+        before = f"the last checkpoint {saved[-1]} predates them" if saved else "none was saved before them"
+        return (
+            f"no checkpoint saved at step {self.position.step} (the loss was NaN/inf for its last "
+            f"{self.position.nan_streak} steps; {before})"
+        )
 
     def _end_epoch(self, epoch: int, at_epoch: Callable[[int], None] | None) -> None:
         """After a whole epoch: its hook, then its checkpoint if ``save_every_epochs`` asks for one (the
@@ -486,7 +503,10 @@ class TrainingRun:
         if every and (epoch + 1) % every == 0 and self.position.step < self.end:
             self._save_unless_diverging()
 
-    def _save_unless_diverging(self) -> None:
-        """The save rule: no checkpoint during a NaN streak, so the last one predates it."""
-        if self.position.nan_streak == 0:
-            self.save()
+    def _save_unless_diverging(self) -> bool:
+        """The save rule: no checkpoint during a NaN streak, so the last one predates it. Returns
+        whether it saved."""
+        if self.position.nan_streak:
+            return False
+        self.save()
+        return True

@@ -258,7 +258,9 @@ def test_data_that_gives_no_batch_for_a_step_is_one_line_instead_of_a_hang(tmp_p
     config = ToyConfig(str(tmp_path))
     accelerator = make_accelerator("no")
     settings = RunSettings.of(config)
-    run = TrainingRun(accelerator, settings, STEPS_PER_EPOCH, stage="toy", resumable=RUN_KEYS, images_per_step=8)
+    run = TrainingRun(
+        accelerator, settings, STEPS_PER_EPOCH, stage="toy", resumable=RUN_KEYS, images_per_step=8
+    )
     run.start(config, {})
     model = nn.Linear(1, 1)
     step = ToyStep(accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1), config.lr, config.epochs)
@@ -268,3 +270,30 @@ def test_data_that_gives_no_batch_for_a_step_is_one_line_instead_of_a_hang(tmp_p
 
     with run, pytest.raises(UsageError, match=r"no batch for step 0 .*4 batches of 8 images"):
         run.steps(step, short)
+
+
+def stopped(config, nan_at=()):
+    """A stage command's result for a toy run that SIGTERM stops at step 6 (its 7th forward)."""
+    from types import SimpleNamespace
+
+    status, run, _ = toy_run(config, nan_at=nan_at, stop_at=6)
+    return SimpleNamespace(
+        status=status, step=run.position.step, total_steps=run.end, signal=run.signal, out=run.out
+    )
+
+
+def test_a_stop_during_a_nan_streak_says_no_checkpoint_was_saved(tmp_path, capsys):
+    from selfsup.loop import run_command
+
+    with pytest.raises(SystemExit) as exit_info:  # the stop comes with the second NaN loss in a row
+        run_command(lambda config: stopped(config, nan_at={5, 6}), ToyConfig(str(tmp_path)), " resume=auto")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 128 + 15
+    assert [p.name for p in runstate.complete_checkpoints(tmp_path)] == ["step_00000004"]
+    assert "; checkpoint saved" not in err and "; no checkpoint saved at step 7" in err
+    assert "step_00000004 predates" in err, err
+
+    with pytest.raises(SystemExit):  # a stop outside a streak saves, and says so
+        run_command(stopped, ToyConfig(str(tmp_path / "b")), " resume=auto")
+    assert "step 7/12 (signal 15); checkpoint saved" in capsys.readouterr().err
+    assert runstate.complete_checkpoints(tmp_path / "b")[-1].name == "step_00000007"
