@@ -389,8 +389,39 @@ def truncate_log(path: Path, step: int) -> None:
             return record.get("at_step", 0) <= step
         return record.get("step", -1) < step
 
-    kept = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
-    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+    kept = [line for line, record in log_records(path) if keep(record)]
+    atomic_write_bytes(path, b"\n".join(kept) + b"\n" if kept else b"")
+
+
+def log_records(path: Path) -> list[tuple[bytes, dict[str, Any]]]:
+    """(line, record) of each line of a run's ``log.jsonl``. A last line that is no JSON record is
+    what a kill in the middle of its write leaves: dropped, with one warning. Any other such line
+    was not written by a run: one UsageError line naming it."""
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        record = _json_record(line)
+        if record is not None:
+            records.append((line, record))
+        elif n == lines[-1][0]:
+            print(
+                f"warning: {path} line {n} was cut short (a run killed while writing it); dropped",
+                file=sys.stderr,
+            )
+        else:
+            raise UsageError(
+                f"{path} line {n} is not a JSON record (the run writes one per line): delete or repair "
+                "that line, or start fresh with a new out=..."
+            )
+    return records
+
+
+def _json_record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class StopSignals:
