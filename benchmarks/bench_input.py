@@ -1,15 +1,17 @@
 """The pretraining input side per CPU core: PIL views vs the batched backend's CPU half, and its device half.
 
-CPU side, one thread, synthetic JPEGs (smooth random colour fields; 500×375 for 224 px like an
-ImageNet photo, 32×32 for CIFAR-sized inputs), images/s of:
+CPU side, one thread, the three measured in alternating bursts (their ratios hold on a shared
+machine), synthetic JPEGs (smooth random colour fields; 500×375 for 224 px like an ImageNet photo,
+32×32 for CIFAR-sized inputs), images/s of:
 
 - ``decode``: JPEG -> RGB PIL image only;
-- ``batched (CPU)``: decode + both views' random-resized crops to uint8 + every later op's
-  parameters (``augment.backend=batched``, :class:`selfsup.ssl.batched_views.CropAndParams`);
+- ``batched (CPU)``: decode + both views' random-resized-crop regions cut to uint8 canvases + every
+  later op's parameters (``augment.backend=batched``, :class:`selfsup.ssl.batched_views.CropAndParams`;
+  the resize runs on the device, :mod:`selfsup.ssl.crop_canvas`);
 - ``pil``: decode + both full BYOL views with PIL (``augment.backend=pil``, lightly's transforms).
 
-Device side: the batched ops on one collated batch (:class:`~selfsup.ssl.batched_views.BatchedViews`)
-against one MoCo v3 training step of the CIFAR config's model (tiny ViT 4×128, patch 4, batch
+Device side: the batched ops (resize included) on one collated batch
+(:class:`~selfsup.ssl.batched_views.BatchedViews`) against one MoCo v3 training step of the CIFAR config's model (tiny ViT 4×128, patch 4, batch
 128, fp32) on the same device, as a share of the step.
 
     .venv/bin/python benchmarks/bench_input.py              # 32 and 224 px, CPU (or the GPU when present)
@@ -50,14 +52,22 @@ def decode(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def per_second(fn, items: list, seconds: float) -> float:
-    """Items per second of ``fn`` over ``items``, cycling until ``seconds`` have passed."""
-    fn(items[0])  # warm-up
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn(items[done % len(items)])
-        done += 1
-    return done / (time.perf_counter() - start)
+def interleaved_rates(fns: dict, items: list, seconds: float, burst: float = 0.25) -> dict[str, float]:
+    """Items per second of each function over ``items``, measured in alternating bursts of ``burst``
+    seconds until each has run ``seconds``: on a shared machine a load change hits all of them alike,
+    so their ratios hold even when the absolute rates drift."""
+    done = dict.fromkeys(fns, 0)
+    spent = dict.fromkeys(fns, 0.0)
+    for fn in fns.values():
+        fn(items[0])  # warm-up
+    while min(spent.values()) < seconds:
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            while time.perf_counter() - start < burst:
+                fn(items[done[name] % len(items)])
+                done[name] += 1
+            spent[name] += time.perf_counter() - start
+    return {name: done[name] / spent[name] for name in fns}
 
 
 def cpu_rates(size: int, images: int, seconds: float) -> dict[str, float]:
@@ -74,11 +84,7 @@ def cpu_rates(size: int, images: int, seconds: float) -> dict[str, float]:
         image = decode(item)
         return crop1(image), crop2(image)
 
-    return {
-        "decode": per_second(decode, data, seconds),
-        "batched (CPU)": per_second(crops, data, seconds),
-        "pil": per_second(pil, data, seconds),
-    }
+    return interleaved_rates({"decode": decode, "batched (CPU)": crops, "pil": pil}, data, seconds)
 
 
 def timed(fn, repeats: int) -> float:

@@ -1,12 +1,13 @@
 """BYOL views split in two: per-image crops and random parameters on the CPU, the rest batched on the device.
 
 The CPU side (:class:`CropAndParams`, run in DataLoader workers inside the (seed, epoch, index)
-seeding of :class:`~selfsup.ssl.augment.TwoViews`) decodes, takes torchvision's
-``RandomResizedCrop`` (scale ``min_scale``–1, the PIL path's op) to a uint8 tensor and samples
-every later op's random parameters from the seeded generators: flip, colour-jitter apply flag,
-factors and order, grayscale, blur flag and σ, solarize flag. The training device
-(:class:`BatchedViews`) applies them to the whole batch, per sample, as DALI and FFCV-SSL pipelines
-do; it draws no random numbers, so the views stay a pure function of (seed, epoch, index).
+seeding of :class:`~selfsup.ssl.augment.TwoViews`) samples torchvision's ``RandomResizedCrop``
+region (scale ``min_scale``–1, the PIL path's op and distribution), cuts it onto a uint8 canvas
+(:mod:`selfsup.ssl.crop_canvas`) and samples every later op's random parameters from the seeded
+generators: flip, colour-jitter apply flag, factors and order, grayscale, blur flag and σ, solarize
+flag. The training device (:class:`BatchedViews`) resizes the regions and applies the ops to the
+whole batch, per sample, as DALI and FFCV-SSL pipelines do; it draws no random numbers, so the views
+stay a pure function of (seed, epoch, index).
 
 Distributions are those of :mod:`selfsup.ssl.augment` (lightly's ``BYOLView1/2Transform``:
 torchvision ``ColorJitter`` factors U[max(0, 1-v), 1+v], hue U[-h, h], a random order of the four,
@@ -39,8 +40,8 @@ from kornia.enhance import (
 )
 from kornia.filters import gaussian_blur2d
 from torchvision import transforms as T
-from torchvision.transforms.functional import pil_to_tensor
 
+from selfsup.ssl.crop_canvas import cut_region, resize_regions
 from selfsup.ssl.settings import AugmentSettings
 
 SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize default (lightly's RandomSolarization)
@@ -90,12 +91,13 @@ def view_recipes(settings: AugmentSettings, input_size: int) -> tuple[ViewRecipe
 
 # One image's parameters, packed in one float tensor (one draw, one tensor to collate and move).
 FIELDS = ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "o0", "o1", "o2", "o3")
-FIELDS += ("gray", "blur", "sigma", "solarize")
+FIELDS += ("gray", "blur", "sigma", "solarize", "crop_w", "crop_h")
 
 
-def sample_params(recipe: ViewRecipe) -> torch.Tensor:
+def sample_params(recipe: ViewRecipe, crop: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
     """One image's parameters of every op after the crop (:data:`FIELDS`), from NumPy's seeded global
-    generator (one draw: torch's per-call overhead on tiny tensors cost more than the crop at 32 px)."""
+    generator (one draw: torch's per-call overhead on tiny tensors cost more than the crop at 32 px),
+    packed with the crop's (w, h) extent on its canvas."""
     b, c, s, h = recipe.jitter
     low = np.array([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
     high = np.array([1 + b, 1 + c, 1 + s, h])
@@ -110,7 +112,7 @@ def sample_params(recipe: ViewRecipe) -> torch.Tensor:
     factors = low + (high - low) * u[5:9]
     sigma = recipe.blur_sigmas[0] + (recipe.blur_sigmas[1] - recipe.blur_sigmas[0]) * u[9]
     order = np.random.permutation(4)
-    packed = [flags[0], flags[1], *factors, *order, flags[2], flags[3], sigma, flags[4]]
+    packed = [flags[0], flags[1], *factors, *order, flags[2], flags[3], sigma, flags[4], *crop]
     return torch.tensor(np.array(packed, dtype=np.float32))
 
 
@@ -123,19 +125,23 @@ def unpack(params: torch.Tensor) -> dict[str, torch.Tensor]:
         "factors": params[:, 2:6],  # brightness, contrast, saturation, hue
         "order": params[:, 6:10].long(),
         "sigma": column["sigma"],
+        "crop": params[:, 14:16],  # w, h on the canvas
     }
 
 
 class CropAndParams:
-    """CPU side of one view: PIL image -> {"image": uint8 CxHxW crop, parameters of the later ops}."""
+    """CPU side of one view: PIL image -> {"image": uint8 HxWx3 canvas holding the crop's region,
+    "params": the region's extent and the later ops' parameters}."""
 
     def __init__(self, recipe: ViewRecipe):
         self.recipe = recipe
         self.crop = T.RandomResizedCrop(recipe.input_size, scale=(recipe.min_scale, 1.0))
 
     def __call__(self, image) -> dict[str, torch.Tensor]:
-        crop = pil_to_tensor(self.crop(image.convert("RGB")))
-        return {"image": crop, "params": sample_params(self.recipe)}
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        box = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        canvas, width, height = cut_region(image, box, self.recipe.input_size)
+        return {"image": torch.from_numpy(canvas), "params": sample_params(self.recipe, (width, height))}
 
 
 def _jitter_op(x: torch.Tensor, op: int, factor: torch.Tensor) -> torch.Tensor:
@@ -184,6 +190,7 @@ class BatchedViews:
     """Device side: a collated (view1, view2) pair of :class:`CropAndParams` dicts -> two normalised batches."""
 
     def __init__(self, recipes: Sequence[ViewRecipe], mean: Sequence[float], std: Sequence[float]):
+        self.size = recipes[0].input_size
         self.kernel_sizes = [r.kernel_size for r in recipes]
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
@@ -191,7 +198,7 @@ class BatchedViews:
     def view(self, batch: dict[str, torch.Tensor], kernel_size: int, device: torch.device) -> torch.Tensor:
         image = batch["image"].to(device, non_blocking=True)
         p = unpack(batch["params"].to(device, non_blocking=True))
-        x = apply_params(image.float() / 255, p, kernel_size)
+        x = apply_params(resize_regions(image, p["crop"], self.size) / 255, p, kernel_size)
         return (x - self.mean.to(device)) / self.std.to(device)
 
     def __call__(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 Tolerances: the PIL path rounds to uint8 after every op, the batched ops stay in float, so an op
 on the same parameters differs by rounding (≤ 1-2 grey levels); PIL's hue goes through an 8-bit
-HSV and its Gaussian blur is three box blurs, hence the wider bounds for those two.
+HSV and its Gaussian blur is three box blurs, hence the wider bounds for those two. The crop's
+resize (Pillow's filter as matrices on the device, selfsup.ssl.crop_canvas) is within 1 grey level
+of torchvision's RandomResizedCrop on the same region (Pillow rounds between its two passes).
 """
 
 import json
@@ -13,10 +15,12 @@ import pytest
 import torch
 from conftest import TINY_PRETRAIN
 from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from selfsup.config import load_config
-from selfsup.ssl.batched_views import apply_params, sample_params, unpack, view_recipes
+from selfsup.ssl.batched_views import CropAndParams, apply_params, sample_params, unpack, view_recipes
+from selfsup.ssl.crop_canvas import canvas_size, resize_regions
 from selfsup.ssl.pipeline import build_pipeline
 from selfsup.ssl.settings import AugmentSettings, PretrainConfig
 from selfsup.ssl.train import train
@@ -165,6 +169,26 @@ def test_blur_matches_pil_gaussian_blur_on_the_same_sigma(sigma):
     ours, pil = batched(image, p), levels(image.filter(ImageFilter.GaussianBlur(radius=sigma)))
     inner = (ours - pil).abs()[:, 8:-8, 8:-8]  # PIL and kornia pad the border differently
     assert inner.mean() <= 1.0 and inner.max() <= 4, (inner.mean(), inner.max())
+
+
+def test_crops_are_torchvision_random_resized_crops_within_one_grey_level():
+    """Same random numbers -> same region as torchvision's op; the device resize matches PIL's on it,
+    both for regions on the canvas (resized on the device) and longer ones (resized on the CPU)."""
+    g = np.random.default_rng(1)
+    image = Image.fromarray(g.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((120, 90), Image.BILINEAR)
+    recipe = recipes(32)[0]
+    crop, reference = CropAndParams(recipe), T.RandomResizedCrop(32, scale=(recipe.min_scale, 1.0))
+    on_device = []
+    for seed in range(24):
+        torch.manual_seed(seed)
+        box = reference.get_params(image, reference.scale, reference.ratio)
+        torch.manual_seed(seed)
+        out = crop(image)
+        view = resize_regions(out["image"][None], unpack(out["params"][None])["crop"], 32)[0]
+        diff = (view - levels(TF.resized_crop(image, *box, [32, 32]))).abs()
+        assert diff.mean() <= 0.5 and diff.max() <= 1 + 1e-3, (box, diff.mean(), diff.max())
+        on_device.append(max(box[2:]) <= canvas_size(32))
+    assert any(on_device) and not all(on_device)  # both paths ran
 
 
 def tiny(*extra):
