@@ -281,6 +281,12 @@ def _check_rules(cls: type, values: dict[str, Any], prefix: str) -> None:
             raise UsageError(f"{prefix}{f.name} must {each}{problems[0]}{null}, got {value!r}")
 
 
+def check_rules(config: Any) -> None:
+    """Every top-level field of a built config against its rule, as :func:`load_config` checks the
+    values it reads: for a config made in code (``__post_init__``). One UsageError line otherwise."""
+    _check_rules(type(config), {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, "")
+
+
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = _field_types(cls)
     kwargs = {}

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from selfsup.config import setting
+from selfsup.config import check_rules, setting
 from selfsup.errors import UsageError
 from selfsup.files import atomic_write_bytes, disk_errors_at, file_sha256
 
@@ -491,32 +491,16 @@ RUN_KEYS = frozenset(
     }
 )
 
-# The least value of each shared run key that every stage's config accepts (see check_run_settings).
-RUN_MINIMUMS = {
-    "epochs": 1,
-    "batch_size": 1,
-    "num_workers": 0,
-    "max_nan_steps": 1,
-    "log_every": 1,
-    "keep_checkpoints": 1,
-    "save_every_steps": 0,
-    "save_every_epochs": 0,
-}
-
 
 def check_run_settings(config: Any, minimums: dict[str, int] | None = None) -> None:
-    """The shared run keys of a stage's config (and the stage's own ``minimums``) hold usable values;
-    ``threads`` may be null (torch's default). One UsageError line otherwise."""
-    from selfsup.errors import UsageError
-
-    for name, low in {**RUN_MINIMUMS, **(minimums or {})}.items():
+    """A stage's config holds values its fields' rules accept (the run keys' ``setting(ge=...)``
+    above, the stage's ``epochs``, ``batch_size``, ``num_workers``, ``threads``: each rule written
+    once, beside its field), and ``minimums`` for keys that declare no rule. One UsageError line otherwise."""
+    check_rules(config)
+    for name, low in (minimums or {}).items():
         value = getattr(config, name)
         if value < low:
-            raise UsageError(f"config key '{name}' must be at least {low}, got {value}")
-    if config.threads is not None and config.threads < 1:
-        raise UsageError(
-            f"config key 'threads' must be at least 1 (or null for torch's default), got {config.threads}"
-        )
+            raise UsageError(f"{name} must be at least {low}, got {value}")
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """The run's own files as a resume reads them: the log a kill may have cut, the rules of the run keys."""
 
 import json
+import re
+from dataclasses import dataclass
 
 import pytest
 
 from selfsup import runstate
+from selfsup.config import setting
 from selfsup.errors import UsageError
 
 
@@ -30,3 +33,33 @@ def test_garbage_inside_the_log_is_one_line_naming_the_file_and_line(tmp_path):
     log.write_bytes(b'{"step": 0}\n\xff\xfe\n{"step": 1}\n')  # bytes that are not even text
     with pytest.raises(UsageError, match=r"line 2 is not a JSON record"):
         runstate.truncate_log(log, 1)
+
+
+@dataclass(kw_only=True)
+class StageConfig(runstate.RunKeys):
+    """A stage's config as the stages declare theirs: the run keys and its own, checked on creation."""
+
+    out: str = "runs/x"
+    epochs: int = setting(3, ge=1)
+    batch_size: int = setting(8, ge=1)
+    num_workers: int = setting(0, ge=0)
+    threads: int | None = setting(None, ge=1)
+
+    def __post_init__(self) -> None:
+        runstate.check_run_settings(self)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"max_steps": 0}, "max_steps must be at least 1 (or null), got 0"),
+        ({"threads": 0}, "threads must be at least 1 (or null), got 0"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints must be at least 1, got 0"),
+        ({"epochs": 0}, "epochs must be at least 1, got 0"),
+    ],
+)
+def test_a_config_built_in_code_is_held_to_the_rules_its_fields_declare(change, says):
+    """The run keys' least values are their ``setting(ge=...)`` rules, written once."""
+    with pytest.raises(UsageError, match=f"^{re.escape(says)}$"):
+        StageConfig(**change)
+    StageConfig()  # the defaults pass
