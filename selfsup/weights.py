@@ -94,6 +94,36 @@ class Imported:
         return found | ({"encoder": self.encoder} if self.encoder else {})
 
 
+@dataclass
+class ReleasedRun:
+    """MoCo v3's ``main_moco.py`` training state, for a pretraining run to continue: ``state`` under
+    the file's names without DDP's ``module.`` (``base_encoder.*`` and ``momentum_encoder.*``, each a
+    ViT whose ``head.*`` is the projection MLP, and ``predictor.*``), ``epoch`` the epochs it completed
+    (``main_moco.py`` saves ``epoch + 1``), its ``arch`` and its ``source``. Its ``optimizer`` and
+    ``scaler`` are left out: they are the state of another program's optimizer."""
+
+    state: dict[str, torch.Tensor]
+    epoch: int
+    arch: str
+    source: dict[str, Any]
+
+
+def read_moco_v3_run(path: str | Path) -> ReleasedRun:
+    """A ``main_moco.py`` checkpoint's encoders, predictor and epoch; anything else is one refusal."""
+    path = Path(path)
+    obj = read_tensors(path)
+    if detect_format(obj) != "moco-v3":
+        raise UsageError(
+            f"{path} is not a MoCo v3 pretraining checkpoint: expected {EXPECTED['moco-v3']}; found {describe(obj)}"
+        )
+    epoch = obj.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise UsageError(f"{path} has no count of completed epochs ('epoch': {epoch!r}), as main_moco.py saves")
+    state = {k: v for k, v in _unwrapped(obj["state_dict"]).items() if isinstance(v, torch.Tensor)}
+    source = {"format": "moco-v3", "file": path.name, "sha256": file_sha256(path)}
+    return ReleasedRun(state, epoch, str(obj.get("arch", "")), source)
+
+
 def read_tensors(path: Path) -> Any:
     """The file's contents through ``torch.load(weights_only=True)``; a file that needs unpickling code
     (a class, a function, an ``argparse.Namespace``) is refused, not run."""

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"read {args.file} as {fmt}; wrote {path} (+ {path.with_suffix('.json').name})")
     print(f"in stock timm (no selfsup needed): import timm; model = {timm_call(path)}")
+    if fmt == "moco-v3":  # the projector, predictor and epoch are a pretraining run's, not a checkpoint's
+        print(f"to continue its pretraining run instead: pretrain --config ... out=DIR import_run={args.file}")
     return 0
 
 

@@ -35,6 +35,7 @@ def export_backbone(
         std=tuple(data["std"]),
         stage="pretrain",
         config=to_dict(config),
+        source=dict(data.get("source") or {}),  # a run continued from a released file (import_run)
     )
     return save_checkpoint(
         Path(out or config.out) / BACKBONE_NAME, backbone.state_dict(), meta, model=backbone

@@ -115,9 +115,14 @@ class PretrainConfig(RunKeys):
     monitor_val_size: int = setting(1000, ge=1)
     monitor_k: int = setting(20, ge=1)
     export_only: bool = False  # export the backbone of the latest checkpoint in `out`, no training
+    # a released MoCo v3 main_moco.py checkpoint: written as `out`'s first checkpoint (encoders, projector,
+    # predictor, epoch; a fresh optimizer), no training; resume=auto then continues it (selfsup.ssl.released)
+    import_run: str | None = None
 
     def __post_init__(self) -> None:
         check_run_settings(self, {"monitor_every": 0})
+        if self.import_run and self.export_only:
+            raise UsageError("import_run writes a run's first checkpoint and export_only reads one: pass one")
         problem = patch_grid_problem(self.model)
         if problem:
             raise UsageError(
@@ -129,6 +134,7 @@ class PretrainConfig(RunKeys):
 # (where and how the run is driven) and pretraining's own that do not change what it computes.
 RESUMABLE_CHANGES = RUN_KEYS | {
     "export_only",
+    "import_run",  # where the first checkpoint came from; the checkpoint holds what it gave
     "monitor_every",
     "monitor_at_start",
     "monitor_train_size",

@@ -36,6 +36,7 @@ from selfsup.schedules import apply_lr, scaled_lr, warmup_cosine
 from selfsup.ssl.builder import MoCoV3, build_model
 from selfsup.ssl.export import export_backbone, export_latest
 from selfsup.ssl.monitor import KnnMonitor
+from selfsup.ssl.released import write_run
 from selfsup.ssl.pipeline import Pipeline, build_pipeline, data_options
 from selfsup.ssl.schedules import moco_momentum
 from selfsup.ssl.settings import RESUMABLE_CHANGES, PretrainConfig
@@ -55,7 +56,7 @@ DIVERGENCE_ADVICE = "lower optim.base_lr, set optim.clip_grad or use mixed_preci
 
 @dataclass
 class PretrainResult:
-    status: str  # "finished" | "interrupted" | "exported"
+    status: str  # "finished" | "interrupted" | "exported" | "imported"
     out: Path
     step: int
     total_steps: int
@@ -114,6 +115,9 @@ def train(config: PretrainConfig) -> PretrainResult:
     with disk_errors_as_usage_errors(config.out):
         if config.export_only:
             return PretrainResult("exported", Path(config.out), 0, 0, backbone=export_latest(config))
+        if config.import_run:  # a released MoCo v3 run as out's first checkpoint (selfsup.ssl.released)
+            _, step, total = write_run(config, make_optimizer)
+            return PretrainResult("imported", Path(config.out), step, total)
         accelerator = start_process(config)
         model = build_model(config)  # first: it resolves the recipe of the backbone's kind
         pipeline = build_pipeline(
