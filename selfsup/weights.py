@@ -118,7 +118,9 @@ def read_moco_v3_run(path: str | Path) -> ReleasedRun:
         )
     epoch = obj.get("epoch")
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-        raise UsageError(f"{path} has no count of completed epochs ('epoch': {epoch!r}), as main_moco.py saves")
+        raise UsageError(
+            f"{path} has no count of completed epochs ('epoch': {epoch!r}), as main_moco.py saves"
+        )
     state = {k: v for k, v in _unwrapped(obj["state_dict"]).items() if isinstance(v, torch.Tensor)}
     source = {"format": "moco-v3", "file": path.name, "sha256": file_sha256(path)}
     return ReleasedRun(state, epoch, str(obj.get("arch", "")), source)

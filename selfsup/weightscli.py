@@ -61,12 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         path, fmt = import_timm(args.file, args.out, args.img_size, args.head)
     else:
         path, fmt = import_file(
-            args.file, args.out, args.format, args.encoder, args.arch, args.num_heads, args.img_size, args.head
+            args.file,
+            args.out,
+            args.format,
+            args.encoder,
+            args.arch,
+            args.num_heads,
+            args.img_size,
+            args.head,
         )
     print(f"read {args.file} as {fmt}; wrote {path} (+ {path.with_suffix('.json').name})")
     print(f"in stock timm (no selfsup needed): import timm; model = {timm_call(path)}")
     if fmt == "moco-v3":  # the projector, predictor and epoch are a pretraining run's, not a checkpoint's
-        print(f"to continue its pretraining run instead: pretrain --config ... out=DIR import_run={args.file}")
+        print(
+            f"to continue its pretraining run instead: pretrain --config ... out=DIR import_run={args.file}"
+        )
     return 0
 
 

@@ -46,7 +46,7 @@ def run_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if owner == "predictor":
             mapped[f"predictor.layers.{rest}"] = value
         elif rest.startswith("head."):
-            mapped[f"{owner}.projector.layers.{rest[len('head.'):]}"] = value
+            mapped[f"{owner}.projector.layers.{rest[len('head.') :]}"] = value
         else:
             mapped[f"{owner}.backbone.{rest}"] = value
     return mapped
@@ -73,7 +73,9 @@ def write_run(
             f"set epochs above {released.epoch} to continue it"
         )
     accelerator = start_process(config)  # refusals above come before it claims out and says its precision
-    pipeline = build_pipeline(config, accelerator.process_index, accelerator.num_processes, accelerator.device)
+    pipeline = build_pipeline(
+        config, accelerator.process_index, accelerator.num_processes, accelerator.device
+    )
     with contextlib.closing(pipeline):
         data = pipeline.facts() | {"source": released.source}  # kept across resumes, named by the export
         position = runstate.Position(

@@ -36,8 +36,8 @@ from selfsup.schedules import apply_lr, scaled_lr, warmup_cosine
 from selfsup.ssl.builder import MoCoV3, build_model
 from selfsup.ssl.export import export_backbone, export_latest
 from selfsup.ssl.monitor import KnnMonitor
-from selfsup.ssl.released import write_run
 from selfsup.ssl.pipeline import Pipeline, build_pipeline, data_options
+from selfsup.ssl.released import write_run
 from selfsup.ssl.schedules import moco_momentum
 from selfsup.ssl.settings import RESUMABLE_CHANGES, PretrainConfig
 from selfsup.ssl.syncbn import convert_batchnorm

@@ -21,7 +21,13 @@ from selfsup.ssl.settings import PretrainConfig
 
 # TINY_PRETRAIN's model, projector (3 layers 32 -> 32 -> 16) and predictor (16 -> 32 -> 16)
 SPEC = BackboneSpec(
-    "moco_vit_tiny", 32, 8, num_heads=2, pos_embed="sincos", init="moco_v3", extra={"depth": 1, "embed_dim": 32}
+    "moco_vit_tiny",
+    32,
+    8,
+    num_heads=2,
+    pos_embed="sincos",
+    init="moco_v3",
+    extra={"depth": 1, "embed_dim": 32},
 )
 
 

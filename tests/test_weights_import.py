@@ -271,7 +271,8 @@ def test_a_timm_tag_with_a_classifier_imports_as_one_with_timms_class_names(tmp_
     path = tmp_path / "out" / "classifier.safetensors"
     meta = read_meta(path)
     assert meta.num_classes == 1000 and meta.class_names[:2] == ["n01440764", "n01443537"]  # in1k's
-    assert meta.source == {"format": "timm", "file": name, "sha256": meta.parent_sha256}
+    digest = hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()
+    assert meta.source == {"format": "timm", "file": name, "sha256": digest} and meta.parent_sha256 == digest
     ours = load_backbone(path, num_classes=1000)[0].eval()
     plain = eval(timm_call(path), {"timm": timm}).eval()  # the sidecar's line, no selfsup
     x = torch.randn(1, 3, 224, 224)
@@ -315,16 +316,24 @@ def test_tta_and_compress_of_a_classifier_fine_tuned_from_an_imported_file_name_
     source = imported(tmp_path, obj, *MOCO_ARGS)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     run = tmp_path / "ft"
-    finetune(["--dataset", "digits", "--checkpoint", str(tmp_path / "out" / "backbone.safetensors")]
-             + ["--out", str(run), *TWO_STEPS, *QUIET])  # fmt: skip
+    backbone = str(tmp_path / "out" / "backbone.safetensors")
+    finetune(["--dataset", "digits", "--checkpoint", backbone, "--out", str(run), *TWO_STEPS, *QUIET])
     classifier = str(run / "best.safetensors")
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     generate(images, np.arange(8) % 10, tmp_path / "set", ["contrast"], (5,), source="test")
-    tta(["--checkpoint", classifier, "--dataset", str(tmp_path / "set"), "--method", "source"]
-        + ["--batch-size", "4", "--out", str(tmp_path / "tta"), "corruptions=contrast"])  # fmt: skip
-    compress(["--checkpoint", classifier, "--dataset", "digits", "--prune", "l1", "--target-macs", "0.7"]
-             + ["--out", str(tmp_path / "compress"), "latency_repeats=1", "latency_batches=[1]"]
-             + ["measure_memory=false", "progress_bar=false", "threads=1"])  # fmt: skip
+    tta(
+        [
+            "--checkpoint", classifier, "--dataset", str(tmp_path / "set"), "--method", "source",
+            "--batch-size", "4", "--out", str(tmp_path / "tta"), "corruptions=contrast",
+        ]
+    )  # fmt: skip
+    compress(
+        [
+            "--checkpoint", classifier, "--dataset", "digits", "--prune", "l1", "--target-macs", "0.7",
+            "--out", str(tmp_path / "compress"), "latency_repeats=1", "latency_batches=[1]",
+            "measure_memory=false", "progress_bar=false", "threads=1",
+        ]
+    )  # fmt: skip
     capsys.readouterr()
     line = f"Weights imported from {source.name} (moco-v3, base encoder, SHA-256 {digest[:12]})."
     for folder, results in (("tta", "results.json"), ("compress", "metrics.json")):
