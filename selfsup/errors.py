@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -62,17 +61,20 @@ class DiskError(OSError):
 
 def user_errno(err: BaseException) -> int | None:
     """The errno of a disk error the user can fix, or None (:data:`errno.EIO` for a writer that
-    does not say which error it met)."""
-    text = str(err)
+    does not say which error it met).
+
+    Read from what raised it, never from any exception's text (a programming error quoting "No space
+    left on device" stays a traceback): an OSError's errno; the ``(os error N)`` that safetensors'
+    ``SafetensorError`` carries in its text; the messages of the writers that lose the errno (torch's
+    zip writer raises a RuntimeError, numpy's ``tofile`` an OSError without an errno)."""
     if isinstance(err, OSError) and err.errno is not None:
         return err.errno if err.errno in USER_ERRNOS else None
-    if (m := _OS_ERROR_CODE.search(text)) and int(m.group(1)) in USER_ERRNOS:
-        return int(m.group(1))
-    if WRITE_LOST_ERRNO.search(text):
+    text = str(err)
+    if type(err).__name__ == "SafetensorError":  # by name: safetensors loads only where it writes
+        found = _OS_ERROR_CODE.search(text)
+        return int(found.group(1)) if found and int(found.group(1)) in USER_ERRNOS else None
+    if isinstance(err, OSError | RuntimeError) and WRITE_LOST_ERRNO.search(text):
         return errno.EIO
-    for code in USER_ERRNOS:
-        if os.strerror(code) in text:
-            return code
     return None
 
 
