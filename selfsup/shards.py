@@ -7,7 +7,9 @@ and world size) and then across DataLoader workers, so no two readers see the sa
 Only those two members of a sample are read, each by its own decoder (PIL for the image, ASCII
 digits for the label): webdataset's default decoders would also ``pickle.loads`` a ``.pyd``/``.pkl``
 member and ``torch.load`` a ``.pth`` one, so a downloaded shard could run code. Other members are
-dropped undecoded.
+dropped undecoded. A sample without either member, or whose image or label does not decode, is
+skipped as an image folder skips a corrupt file, with one warning line naming the shard and key (a
+stream has no index whose place a replacement could keep; the next sample fills the batch).
 
 Shuffling while reading is local: shard order, then a buffer of ``shuffle_buffer`` (5,000) samples
 per worker. Shards must therefore be written from a shuffled list of samples; shards written class
@@ -17,14 +19,18 @@ by class give batches of a handful of classes, whatever the reader does.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import webdataset as wds
 from PIL import Image
 
 IMAGE_KEYS = "jpg;jpeg;png;webp"  # the first of these a sample holds is its image
 LABEL_KEY = "cls"
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # as imagefolder's
 
 
 def list_shards(root: str | Path) -> list[str]:
@@ -39,8 +45,10 @@ def shard_dataset(
     shuffle: bool = False,
     shuffle_buffer: int = 5000,
     seed: int = 0,
+    on_broken: Callable[[str, str], None] | None = None,
 ) -> wds.WebDataset:
-    """An iterable of ``(image, label)`` over the shards, split by node and by worker."""
+    """An iterable of ``(image, label)`` over the shards, split by node and by worker.
+    ``on_broken(where, reason)``: told of each sample skipped (default: a warning line on stderr)."""
     dataset = wds.WebDataset(
         urls,
         shardshuffle=100 if shuffle else False,
@@ -52,8 +60,27 @@ def shard_dataset(
     if shuffle:
         dataset = dataset.shuffle(shuffle_buffer)
     # select the two members first: nothing else in a sample ever reaches a decoder
-    dataset = dataset.to_tuple(IMAGE_KEYS, LABEL_KEY).map_tuple(decode_image, decode_label)
+    dataset = dataset.compose(partial(readable_samples, on_broken=on_broken or warn_broken))
     return dataset.map_tuple(transform, lambda label: label) if transform else dataset
+
+
+def readable_samples(samples: Iterable[dict[str, Any]], on_broken: Callable[[str, str], None]) -> Iterator:
+    """``(image, label)`` of each sample that holds both and decodes; the others go to ``on_broken``."""
+    for sample in samples:
+        where = f"{sample.get('__url__', 'a shard')}: sample {sample.get('__key__', '?')}"
+        image = next((sample[key] for key in IMAGE_KEYS.split(";") if key in sample), None)
+        if image is None or LABEL_KEY not in sample:
+            what = "image (.jpg, .jpeg, .png or .webp)" if image is None else "label (.cls)"
+            on_broken(where, f"no {what} member")
+            continue
+        try:
+            yield decode_image(image), decode_label(sample[LABEL_KEY])
+        except DECODE_ERRORS as err:
+            on_broken(where, f"does not decode ({type(err).__name__}: {' '.join(str(err).split())})")
+
+
+def warn_broken(where: str, reason: str) -> None:
+    print(f"warning: skipped a broken sample, {where}: {reason}", file=sys.stderr)
 
 
 def decode_image(data: bytes) -> Image.Image:
