@@ -11,8 +11,8 @@ machine), synthetic JPEGs (smooth random colour fields; 500×375 for 224 px like
 - ``pil``: decode + both full BYOL views with PIL (``augment.backend=pil``, lightly's transforms).
 
 Device side: the batched ops (resize included) on one collated batch
-(:class:`~selfsup.ssl.batched_views.BatchedViews`) against one MoCo v3 training step of the CIFAR config's model (tiny ViT 4×128, patch 4, batch
-128, fp32) on the same device, as a share of the step.
+(:class:`~selfsup.ssl.batched_views.BatchedViews`) against one MoCo v3 training step of the CIFAR
+config's model (tiny ViT 4×128, patch 4, batch 128, fp32) on the same device, as a share of the step.
 
     .venv/bin/python benchmarks/bench_input.py              # 32 and 224 px, CPU (or the GPU when present)
     .venv/bin/python benchmarks/bench_input.py --smoke      # tiny sizes, for CI
