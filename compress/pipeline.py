@@ -101,7 +101,7 @@ def run(config: CompressConfig) -> CompressResult:
         train, _ = build_dataset(config.dataset, "train", None, _options(config))
         shapes = shape_manifest(pruned, create_backbone(meta.spec, num_classes=meta.num_classes))
         facts = {"dataset": info.name, "classes": list(info.classes), "shapes": shapes}
-        check_recovery(config, train, facts, main)
+        check_recovery(config, train, facts, accelerator)
         recovery = train, facts, _teacher(config, original)  # a teacher that cannot be read: refused here
     on_main(accelerator, lambda: save_config(config, out / "config.yaml"))  # the first write
     stages: list[tuple[str, nn.Module, Path, str]] = []  # (variant, model, saved file, note)

@@ -94,12 +94,17 @@ def _check_batch(config: CompressConfig, train_set) -> None:
         )
 
 
-def check_recovery(config: CompressConfig, train_set, data: dict, main: bool = True) -> None:
+def check_recovery(
+    config: CompressConfig, train_set, data: dict, accelerator: Accelerator | None = None
+) -> None:
     """Every refusal of the recovery run, raised before anything is written (compress calls it before
     its first file): a batch larger than the training set, and a checkpoint in ``OUT/recovery`` that
-    ``resume`` would continue under another recipe, other ``data`` facts or other training images."""
+    ``resume`` would continue under another recipe, other ``data`` facts or other training images. With
+    ``accelerator``, the main process picks the checkpoint and the others check that one."""
     _check_batch(config, train_set)
-    resume_point(run_settings(config), config, data, RESUMABLE, tuple(data), train_set, main=main)
+    resume_point(
+        run_settings(config), config, data, RESUMABLE, tuple(data), train_set, accelerator=accelerator
+    )
 
 
 def recover(

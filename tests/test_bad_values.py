@@ -42,7 +42,7 @@ STAGES = {
 # (the dataset registry, timm's model registry, the checkpoint reader).
 FREE = {
     "dataset", "data_root", "out", "checkpoint", "checkpoints", "model", "models", "model_kwargs",
-    "resume", "teacher", "distill.teacher", "corruptions", "methods", "feature", "cache_dir",
+    "resume", "import_run", "teacher", "distill.teacher", "corruptions", "methods", "feature", "cache_dir",
     "data.root", "model.arch", "model.extra", "linear_head.device",
 }  # fmt: skip
 # Strings with a rule that checks them, and a value each refuses.
