@@ -42,6 +42,9 @@ USER_ERRNOS = {
 # accelerate's optimizer.bin) drops the errno altogether ("unexpected pos N vs M", torch 2.x), and so
 # does numpy's ``tofile`` under ``np.save`` ("N requested and M written").
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")
+# A DataLoader worker's OSError reaches the main process rebuilt from its text alone
+# (torch's ExceptionWrapper.reraise: ``exc_type(msg)``), so its errno survives only as "[Errno N]".
+_REBUILT_ERRNO = re.compile(r"\[Errno (\d+)\]")
 WRITE_LOST_ERRNO = re.compile(
     r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing|\d+ requested and \d+ written"
 )
@@ -66,10 +69,14 @@ def user_errno(err: BaseException) -> int | None:
     Read from what raised it, never from any exception's text (a programming error quoting "No space
     left on device" stays a traceback): an OSError's errno; the ``(os error N)`` that safetensors'
     ``SafetensorError`` carries in its text; the messages of the writers that lose the errno (torch's
-    zip writer raises a RuntimeError, numpy's ``tofile`` an OSError without an errno)."""
+    zip writer raises a RuntimeError, numpy's ``tofile`` an OSError without an errno); an OSError
+    without an errno that a DataLoader worker re-raised keeps its ``[Errno N]`` in its text."""
     if isinstance(err, OSError) and err.errno is not None:
         return err.errno if err.errno in USER_ERRNOS else None
     text = str(err)
+    rebuilt = _REBUILT_ERRNO.search(text) if isinstance(err, OSError) else None
+    if rebuilt and int(rebuilt.group(1)) in USER_ERRNOS:
+        return int(rebuilt.group(1))
     if type(err).__name__ == "SafetensorError":  # by name: safetensors loads only where it writes
         found = _OS_ERROR_CODE.search(text)
         return int(found.group(1)) if found and int(found.group(1)) in USER_ERRNOS else None

@@ -3,6 +3,7 @@
 import errno
 
 import pytest
+import torch
 
 from selfsup.errors import exits_cleanly, is_user_os_error, user_errno
 
@@ -44,3 +45,19 @@ def test_text_that_looks_like_an_os_error_is_not_the_users_disk(err, capsys):
 )
 def test_the_writers_that_hide_the_errno_are_still_the_users_disk(err, code):
     assert user_errno(err) == code
+
+
+class _UnreadableDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        raise PermissionError(errno.EACCES, "Permission denied", "data/x.jpg")
+
+
+def test_a_disk_error_raised_in_a_dataloader_worker_keeps_its_errno():
+    """torch re-raises a worker's exception as ``exc_type(text)``: the errno survives only in the text."""
+    with pytest.raises(PermissionError) as caught:
+        next(iter(torch.utils.data.DataLoader(_UnreadableDataset(), num_workers=1)))
+    assert caught.value.errno is None and user_errno(caught.value) == errno.EACCES
+    assert user_errno(RuntimeError(str(caught.value))) is None  # other types never read their text
