@@ -34,19 +34,27 @@ from selfsup.ssl.pipeline import build_pipeline
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.weights import ReleasedRun, read_moco_v3_run
 
+# Where main_moco.py keeps an encoder's projection MLP: MoCo_ViT replaces the ViT's ``head``,
+# MoCo_ResNet the ResNet's ``fc`` (moco/builder.py, ``_build_projector_and_predictor_mlps``).
+PROJECTOR_NAMES = ("head.", "fc.")
+
 
 def run_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``main_moco.py``'s names as :class:`MoCoV3`'s: an encoder's ViT keys go under ``.backbone``, its
-    ``head`` (the projection MLP) under ``.projector.layers``, the predictor under ``predictor.layers``.
-    lightly's ``ProjectionHead`` numbers its Sequential as ``moco/builder.py``'s ``_build_mlp`` does
-    (Linear, BatchNorm1d, ReLU per hidden layer; Linear and the affine-free BatchNorm1d last)."""
+    """``main_moco.py``'s names as :class:`MoCoV3`'s: an encoder's backbone keys go under ``.backbone``,
+    its ``head`` (ViT) or ``fc`` (ResNet), the projection MLP, under ``.projector.layers``, the predictor
+    under ``predictor.layers``. lightly's ``ProjectionHead`` numbers its Sequential as
+    ``moco/builder.py``'s ``_build_mlp`` does (Linear, BatchNorm1d, ReLU per hidden layer; Linear and
+    the affine-free BatchNorm1d last; MoCo_ResNet's predictor without it, as
+    :func:`~selfsup.ssl.heads.predictor` builds it for a ResNet); timm's ResNets name their layers as
+    torchvision's, which main_moco.py wraps."""
     mapped = {}
     for key, value in state.items():
         owner, _, rest = key.partition(".")
+        head = next((name for name in PROJECTOR_NAMES if rest.startswith(name)), None)
         if owner == "predictor":
             mapped[f"predictor.layers.{rest}"] = value
-        elif rest.startswith("head."):
-            mapped[f"{owner}.projector.layers.{rest[len('head.') :]}"] = value
+        elif head:
+            mapped[f"{owner}.projector.layers.{rest[len(head) :]}"] = value
         else:
             mapped[f"{owner}.backbone.{rest}"] = value
     return mapped

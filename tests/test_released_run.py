@@ -46,14 +46,26 @@ def build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
     return nn.Sequential(*mlp)
 
 
-def released_run(path, epoch=1):
-    """main_moco.py's checkpoint of a DDP-wrapped MoCo_ViT: encoders whose ``head`` is the projector,
-    the predictor, the epochs completed, AdamW's and the scaler's states."""
+# A ResNet as small as a test wants (timm's resnet18 with one block of 8 channels per stage)
+RESNET_ARGS = [
+    "model.arch=resnet18",
+    "model.extra.layers=[1, 1, 1, 1]",
+    "model.extra.channels=[8, 8, 8, 8]",
+    "model.extra.stem_width=8",
+]
+RESNET_SPEC = BackboneSpec("resnet18", 32, extra={"layers": [1] * 4, "channels": [8] * 4, "stem_width": 8})
+
+
+def released_run(path, epoch=1, spec=SPEC, head="head"):
+    """main_moco.py's checkpoint of a DDP-wrapped MoCo_ViT (or, with ``head="fc"``, MoCo_ResNet):
+    encoders whose ``head`` (``fc``) is the projector, the predictor, the epochs completed, AdamW's
+    and the scaler's states."""
     torch.manual_seed(11)
-    base = create_backbone(SPEC)
-    base.head = build_mlp(3, 32, 32, 16)
+    base = create_backbone(spec)
+    vit = head == "head"
+    setattr(base, head, build_mlp(3 if vit else 2, base.num_features, 32, 16))
     momentum = copy.deepcopy(base)
-    predictor = build_mlp(2, 16, 32, 16)
+    predictor = build_mlp(2, 16, 32, 16, last_bn=vit)
     with torch.no_grad():  # every tensor its own value, BatchNorm statistics included
         for tensor in [*momentum.state_dict().values(), *predictor.state_dict().values()]:
             if tensor.is_floating_point():
@@ -70,9 +82,9 @@ def released_run(path, epoch=1):
     return {k[len("module.") :]: v for k, v in state.items()}
 
 
-def as_released(state):
+def as_released(state, head="head"):
     """MoCoV3's keys back in main_moco.py's names (the test's own inverse of the import's mapping)."""
-    names = {".backbone.": ".", ".projector.layers.": ".head.", "predictor.layers.": "predictor."}
+    names = {".backbone.": ".", ".projector.layers.": f".{head}.", "predictor.layers.": "predictor."}
     renamed = {}
     for key, value in state.items():
         for ours, theirs in names.items():
@@ -137,3 +149,17 @@ def test_another_architecture_or_a_used_folder_is_refused_in_one_line(tmp_path, 
     torch.save({"model": {}}, tmp_path / "other.pth")
     err = refused(capsys, f"out={tmp_path / 'c'}", f"import_run={tmp_path / 'other.pth'}")
     assert "not a MoCo v3 pretraining checkpoint" in err
+
+
+def test_a_released_resnet_run_keeps_its_fc_projector(tmp_path, capsys):
+    """MoCo_ResNet keeps its projector as the ResNet's ``fc``: 2 layers, and a predictor without the final BN."""
+    source, out = tmp_path / "r-50-1ep.pth.tar", tmp_path / "run"
+    released = released_run(source, spec=RESNET_SPEC, head="fc")
+    vit_model = [arg for arg in TINY_PRETRAIN if arg.startswith("model.")]
+    args = [arg for arg in TINY_PRETRAIN if arg not in vit_model]
+    cli.main([*args, *RESNET_ARGS, "model.img_size=32", f"out={out}", f"import_run={source}"])
+    assert "resume=auto" in capsys.readouterr().err
+    (checkpoint,) = complete_checkpoints(out)
+    written = as_released(load_file(checkpoint / MODEL_FILE), head="fc")
+    assert written.keys() == released.keys()
+    assert all(torch.equal(written[k], v) for k, v in released.items())
