@@ -29,8 +29,10 @@ from selfsup.checkpoint import load_state_checked, source_line
 from selfsup.config import to_dict
 from selfsup.errors import UsageError
 from selfsup.loop import on_main, start_process
+from selfsup.schedules import warmup_cosine
 from selfsup.ssl.builder import build_model
 from selfsup.ssl.pipeline import build_pipeline
+from selfsup.ssl.schedules import moco_momentum
 from selfsup.ssl.settings import PretrainConfig
 from selfsup.weights import ReleasedRun, read_moco_v3_run
 
@@ -106,4 +108,18 @@ def _say(config: PretrainConfig, released: ReleasedRun, folder: Path, step: int,
         "random states are fresh (the file's optimizer state is main_moco.py's optimizer's). Continue with: "
         f"pretrain ... out={config.out} resume=auto",
         file=sys.stderr,
+    )
+    print(schedule_note(config, released.epoch), file=sys.stderr)
+
+
+def schedule_note(config: PretrainConfig, epoch: int) -> str:
+    """The schedules do not continue the file's: they are this config's, over its ``epochs`` (the file
+    does not record the epochs main_moco.py scheduled; a finished run's ended at lr 0, momentum 1)."""
+    lr = warmup_cosine(epoch, 1.0, config.optim.warmup_epochs, config.epochs)
+    m = moco_momentum(epoch, config.moco.momentum, config.epochs, config.moco.momentum_cosine)
+    return (
+        f"Note: the lr and momentum schedules are this config's, recomputed over epochs={config.epochs} "
+        f"(warm-up {config.optim.warmup_epochs:g}), not the file's: at epoch {epoch} the lr restarts at "
+        f"{lr:.3g} x its peak and the momentum at {m:.5g} (a run that finished its own schedule ended at lr 0, "
+        "momentum 1)."
     )

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_PRETRAIN
+from conftest import REPO, TINY_PRETRAIN
 from safetensors.torch import load_file
 from torch import nn
 
@@ -17,6 +17,7 @@ from selfsup.models import BackboneSpec, create_backbone
 from selfsup.runstate import MODEL_FILE, complete_checkpoints
 from selfsup.ssl import cli
 from selfsup.ssl import train as train_module
+from selfsup.ssl.released import schedule_note
 from selfsup.ssl.settings import PretrainConfig
 
 # TINY_PRETRAIN's model, projector (3 layers 32 -> 32 -> 16) and predictor (16 -> 32 -> 16)
@@ -163,3 +164,12 @@ def test_a_released_resnet_run_keeps_its_fc_projector(tmp_path, capsys):
     written = as_released(load_file(checkpoint / MODEL_FILE), head="fc")
     assert written.keys() == released.keys()
     assert all(torch.equal(written[k], v) for k, v in released.items())
+
+
+def test_the_schedules_are_the_configs_over_its_epochs_not_the_files():
+    """vit_base_in1k (warm-up 40) continuing a 300-epoch file to 400: the lr jumps from 0 back to
+    0.5·(1 + cos(π·260/360)) ≈ 0.179 of its peak, the momentum from 1 down to 1 − 0.005·(1 − cos(π/4))."""
+    config = load_config(PretrainConfig, REPO / "configs/pretrain/vit_base_in1k.yaml", ["epochs=400"])
+    note = schedule_note(config, 300)
+    assert "recomputed over epochs=400 (warm-up 40)" in note
+    assert "lr restarts at 0.179 x its peak" in note and "momentum at 0.99854" in note
