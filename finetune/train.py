@@ -299,8 +299,8 @@ class FinetuneRun:
         self.metrics_path = self.out / "metrics.jsonl"
         self.net = self.accelerator.unwrap_model(self.model)
         self.val_loader = self.pipeline.val  # the prepared loader owns the workers that close() stops
-        if self.accelerator.is_main_process:
-            truncate_log(self.metrics_path, self.run.position.step)
+        # collective: a refusal (a corrupt log line) stops every process, not the main one alone
+        on_main(self.accelerator, lambda: truncate_log(self.metrics_path, self.run.position.step))
         self.result = FinetuneResult("finished", self.out, self.run.position.step, self.run.end)
 
     def export(self, name: str, weights: nn.Module) -> Path:

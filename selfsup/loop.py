@@ -332,10 +332,13 @@ class TrainingRun:
                 self._saved_at = self.position.step
             if accelerator.is_main_process:
                 print(f"resuming at step {self.position.step}/{self.end} from {checkpoint}", file=sys.stderr)
-        if accelerator.is_main_process:
+
+        def prepare_out() -> None:
             out.mkdir(parents=True, exist_ok=True)
-            runstate.truncate_log(out / "log.jsonl", self.position.step)
+            runstate.truncate_log(out / "log.jsonl", self.position.step)  # may refuse a corrupt line
             save_config(config, out / "config.yaml")
+
+        on_main(accelerator, prepare_out)  # a refusal there stops every process, not the main one alone
         if s.log_with != "none":
             accelerator.init_trackers(self.stage)
         return checkpoint
