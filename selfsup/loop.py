@@ -423,13 +423,14 @@ class TrainingRun:
         return "finished"
 
     def _no_batch(self, epoch: int) -> UsageError:
-        """A pass over the data that gave no batch at all. A short pass is re-entered (a stream
-        restarts, as :class:`~selfsup.sampling.EndlessBatches` does), an empty one never fills a step."""
+        """A pass over indexed data that gave no batch at all (an empty stream is refused earlier, in
+        :meth:`~selfsup.sampling.EndlessBatches.take`): re-entering it would wait forever."""
+        offset = self.position.step - epoch * self.steps_per_epoch
         return UsageError(
-            f"the training data gave no batch for step {self.position.step} (epoch {epoch + 1} needs "
-            f"{self.steps_per_epoch} batches of {self.images_per_step} images): a stream with fewer images "
-            "than one batch per process (or fewer shards than processes x workers) never fills one; "
-            "use more data or shards, fewer num_workers or a smaller batch_size"
+            f"the training data gave no batch for step {self.position.step} (epoch {epoch + 1} expected "
+            f"{self.steps_per_epoch} batches of {self.images_per_step} images, its steps per epoch, and "
+            f"gave none from its batch {offset} on): the data holds fewer images than one batch per process; "
+            "use more data or a smaller batch_size"
         )
 
     def _one_step(self, step: Step, batch: Any, epoch: int) -> bool:
