@@ -244,7 +244,6 @@ def resume_point(
     same_data: tuple[str, ...] = (),
     dataset: Any = None,
     *,
-    main: bool = True,
     accelerator: Accelerator | None = None,
 ) -> tuple[Path | None, runstate.Position]:
     """The checkpoint a run continues (None: a fresh start) and the position it starts at, after
@@ -253,14 +252,14 @@ def resume_point(
     as the class names) other than the checkpoint's, or other training images (``dataset``, see
     :func:`runstate.dataset_identity`). ``force_resume`` makes a changed recipe or changed images
     a warning instead. With ``accelerator``, the checkpoint is the main process's choice
-    (:func:`shared_resume`); without, each caller resolves it (``main``: the one that repairs)."""
+    (:func:`shared_resume`); without, the caller resolves it (and repairs, as a single process)."""
     requested = to_dict(config)
     identity = runstate.dataset_identity(dataset) if dataset is not None else {}
     fresh = runstate.Position(data=data, config=requested, data_identity=identity)
     if accelerator is not None:
         checkpoint = shared_resume(accelerator, settings.resume, settings.out)
     else:
-        checkpoint = runstate.resolve_resume(settings.resume, settings.out, recover=main)
+        checkpoint = runstate.resolve_resume(settings.resume, settings.out)
     if checkpoint is None:
         return None, fresh
     stored = runstate.load_position(checkpoint)
