@@ -39,8 +39,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from selfsup.errors import UsageError
-
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+from selfsup.shards import DECODE_ERRORS
 
 
 def _decodable_extensions() -> tuple[str, ...]:

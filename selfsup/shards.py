@@ -30,7 +30,8 @@ from PIL import Image
 
 IMAGE_KEYS = "jpg;jpeg;png;webp"  # the first of these a sample holds is its image
 LABEL_KEY = "cls"
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # as imagefolder's
+# What PIL raises for a file that is no decodable image (shards and image folders alike)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def list_shards(root: str | Path) -> list[str]:
