@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -306,13 +307,20 @@ def class_names(num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+# timm's tags of weights trained on ImageNet name it: a1_in1k, augreg_in21k_ft_in1k, sw_in12k, ...
+IMAGENET_TAG = re.compile(r"in(?:1|12|21|22)k")
+
+
 def timm_class_names(model: nn.Module) -> list[str]:
     """The classes of a timm model's head as timm names them: its ``pretrained_cfg['label_names']``,
-    else the labels of the ImageNet subset timm infers from the tag (``infer_imagenet_subset``: the
-    WordNet ids of in1k, in21k, ...), else :func:`class_names`."""
+    else, for an ImageNet tag, the labels of the subset timm infers (``infer_imagenet_subset``: the
+    WordNet ids of in1k, in21k, ..., guessed from the class count alone, hence the tag check), else
+    :func:`class_names`."""
     n = int(model.num_classes)
-    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
-    if not names and (subset := infer_imagenet_subset(model)):
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("label_names")
+    imagenet = bool(IMAGENET_TAG.search(cfg.get("tag") or ""))
+    if not names and imagenet and (subset := infer_imagenet_subset(model)):
         names = ImageNetInfo(subset).label_names()
     return [str(c) for c in names] if names and len(names) == n else class_names(n)
 

@@ -17,6 +17,7 @@ from timm.layers import resample_abs_pos_embed
 
 from selfsup.checkpoint import load_backbone, read_meta, timm_call
 from selfsup.models import BackboneSpec, create_backbone, sincos_pos_embed
+from selfsup.weights import class_names, timm_class_names
 from selfsup.weightscli import main
 
 TINY = {"embed_dim": 32, "depth": 2}
@@ -387,3 +388,12 @@ def test_the_shipped_probe_configs_load_as_the_published_protocols(path):
     config = load_config(ProbeConfig, path)
     assert config.dataset == "imagenet" and config.img_size == 224 and config.feature == "cls"
     assert config.linear_protocol == "mocov3" if config.methods == ["linear"] else config.temperature == 0.07
+
+
+def test_timm_class_names_are_wordnet_ids_only_for_an_imagenet_tag():
+    """timm guesses the ImageNet subset from the class count alone: a 1000-class head of another
+    tag (resmlp_12_224.fb_dino's, say) keeps the plain class names."""
+    model = timm.create_model("resnet18.a1_in1k", layers=[1] * 4, channels=[8] * 4, stem_width=8)
+    assert timm_class_names(model)[:2] == ["n01440764", "n01443537"]
+    model.pretrained_cfg = {**model.pretrained_cfg, "tag": "fb_dino"}
+    assert timm_class_names(model) == class_names(1000)
