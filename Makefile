@@ -26,7 +26,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # The whole pipeline on scikit-learn's digits: pretrain -> evaluate -> fine-tune (each: SSL vs random init)
-# -> test-time adaptation on a regenerated corruption (source vs Tent) -> INT8 deployment (fp32 vs INT8).
+# -> test-time adaptation on a regenerated corruption (source vs Tent; the ViT and a BatchNorm CNN trained
+# from scratch, the papers' case) -> INT8 deployment (fp32 vs INT8).
 demo: $(STAMP)
 	$(VENV)/bin/pretrain --config configs/pretrain/digits_cpu.yaml out=$(DEMO)/pretrain resume=auto
 	$(VENV)/bin/probe --checkpoint $(DEMO)/pretrain/backbone.safetensors --compare-random-init \
@@ -39,6 +40,9 @@ demo: $(STAMP)
 		--out $(DEMO)/digits-c
 	$(VENV)/bin/tta --checkpoint $(DEMO)/finetune/best.safetensors --dataset $(DEMO)/digits-c \
 		--corruptions frost,contrast --severity 3 --method source,tent --batch-size 16 lr=0.02 --out $(DEMO)/tta
+	$(VENV)/bin/finetune --config configs/finetune/digits_resnet_cpu.yaml --out $(DEMO)/finetune_cnn
+	$(VENV)/bin/tta --checkpoint $(DEMO)/finetune_cnn/best.safetensors --dataset $(DEMO)/digits-c \
+		--corruptions frost,contrast --severity 3 --method source,norm,tent --batch-size 16 --out $(DEMO)/tta_cnn
 	$(VENV)/bin/compress --checkpoint $(DEMO)/finetune/best.safetensors --dataset digits \
 		--quantize int8-dynamic --out $(DEMO)/compress
 	$(PY) benchmarks/demo_tables.py $(DEMO) --write

@@ -53,12 +53,15 @@ def finetune_table(runs: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def tta_table(results: dict) -> list[str]:
-    names = results["corruptions"]
-    lines = ["| method | " + " | ".join(names) + " | mean |", "|---|" + "---|" * (len(names) + 1)]
-    for r in results["results"]:
-        errors = " | ".join(f"{r['errors'][n]:.2f}" for n in names)
-        lines.append(f"| {r['method']} | {errors} | {r['mean_error']:.2f} |")
+def tta_table(runs: dict[str, dict]) -> list[str]:
+    """One row per (classifier, method); the classifiers adapt on the same corrupted images."""
+    names = next(iter(runs.values()))["corruptions"]
+    head = "| classifier | method | " + " | ".join(names) + " | mean |"
+    lines = [head, "|---|---|" + "---|" * (len(names) + 1)]
+    for model, results in runs.items():
+        for r in results["results"]:
+            errors = " | ".join(f"{r['errors'][n]:.2f}" for n in names)
+            lines.append(f"| {model} | {r['method']} | {errors} | {r['mean_error']:.2f} |")
     return lines
 
 
@@ -76,13 +79,17 @@ def tables(runs: Path) -> str:
         "MoCo v3 backbone": _json_lines(runs / "finetune" / "metrics.jsonl"),
         "same ViT, random init": _json_lines(runs / "finetune_random_init" / "metrics.jsonl"),
     }
-    tta = json.loads((runs / "tta" / "results.json").read_text())
+    tta = {
+        "MoCo v3 ViT (LayerNorm)": json.loads((runs / "tta" / "results.json").read_text()),
+        "resnet10t (BatchNorm)": json.loads((runs / "tta_cnn" / "results.json").read_text()),
+    }
     compress = json.loads((runs / "compress" / "metrics.json").read_text())
     precisions = {
         "pretrain": _precision(runs / "pretrain"),
         "probe": probe.get("mixed_precision", "?"),
         "finetune": _precision(runs / "finetune"),
         "tta": _precision(runs / "tta"),
+        "tta (CNN)": _precision(runs / "tta_cnn"),
         "compress": compress["config"]["mixed_precision"],
     }
     out = [
@@ -97,7 +104,7 @@ def tables(runs: Path) -> str:
         "",
         *finetune_table(finetune),
         "",
-        f"Test-time adaptation, top-1 error (%), {tta['title'].split(': ', 1)[-1]}:",
+        f"Test-time adaptation, top-1 error (%), {tta['MoCo v3 ViT (LayerNorm)']['title'].split(': ', 1)[-1]}:",
         "",
         *tta_table(tta),
         "",
@@ -139,6 +146,11 @@ def smoke() -> None:
                   "--limit", "32", "--out", f"{runs}/digits-c"])  # fmt: skip
         tta(["--checkpoint", classifier, "--dataset", f"{runs}/digits-c", "--corruptions", "contrast",
              "--severity", "3", "--method", "source,tent", "--batch-size", "16", "--out", f"{runs}/tta"])  # fmt: skip
+        finetune(["--config", f"{configs}/finetune/digits_resnet_cpu.yaml", "--out", f"{runs}/finetune_cnn",
+                  *SMOKE["finetune"]])  # fmt: skip
+        tta(["--checkpoint", f"{runs}/finetune_cnn/best.safetensors", "--dataset", f"{runs}/digits-c",
+             "--corruptions", "contrast", "--severity", "3", "--method", "source,norm,tent", "--batch-size", "16",
+             "--out", f"{runs}/tta_cnn"])  # fmt: skip
         compress(["--checkpoint", classifier, "--dataset", "digits", "--quantize", "int8-dynamic",
                   "--out", f"{runs}/compress", "latency_repeats=1", "latency_batches=[1]",
                   "measure_memory=false", "limit=32"])  # fmt: skip
