@@ -58,3 +58,30 @@ def test_reset_restores_the_original_weights_and_optimizer_exactly():
     tent.reset()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(tent(x), first)  # the same first step again: momentum buffers were reset too
+
+
+def _layer_norms(model):
+    return [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in (m.weight, m.bias)]
+
+
+def test_tent_adam_takes_the_reference_cifar_step_written_out():
+    """optimizer="adam" (Tent's CIFAR setting): two steps equal Adam's update written out by hand on the
+    gradients of the mean entropy (bias-corrected moments, betas 0.9 / 0.999, eps 1e-8, no decay), to
+    float rounding (1e-6; each update is ~1e-3)."""
+    model, x, lr = tiny_vit(), shifted_batch(), 1e-3
+    reference = tiny_vit().eval()  # the same weights, stepped by hand
+    adapted, by_hand = _layer_norms(model), _layer_norms(reference)
+    start = [p.detach().clone() for p in by_hand]
+    m1 = [torch.zeros_like(p) for p in by_hand]
+    m2 = [torch.zeros_like(p) for p in by_hand]
+    tent = Tent(model, lr=lr, optimizer="adam")
+    for t in (1, 2):
+        grads = torch.autograd.grad(softmax_entropy(reference(x)).mean(), by_hand)
+        with torch.no_grad():
+            for i, g in enumerate(grads):
+                m1[i] = 0.9 * m1[i] + 0.1 * g
+                m2[i] = 0.999 * m2[i] + 0.001 * g * g
+                by_hand[i] -= lr * (m1[i] / (1 - 0.9**t)) / ((m2[i] / (1 - 0.999**t)).sqrt() + 1e-8)
+        tent(x)
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-6) for p, q in zip(adapted, by_hand))
+    assert max((p - s).abs().max().item() for p, s in zip(adapted, start)) > 1e-3  # it moved

@@ -57,7 +57,7 @@ def build_adapter(
         except ValueError as err:
             raise UsageError(str(err)) from None
     if method == "tent":
-        return Tent(model, lr=lr, steps=config.steps)
+        return Tent(model, lr=lr, steps=config.steps, optimizer=config.tent_optimizer)
     if method in ("eta", "eata"):
         return _eata(model, config, meta, clean if method == "eata" else None)
     if method == "sar":

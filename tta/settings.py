@@ -57,6 +57,8 @@ class TTAConfig:
     batch_size: int = setting(64, ge=1)
     lr: float | None = setting(None, gt=0)  # null: 0.001 / 64 x batch_size (Tent/ETA/EATA/SAR)
     steps: int = setting(1, ge=1)  # Tent's steps per batch
+    # Tent's optimizer: sgd (momentum 0.9, its ImageNet setting) or adam (its CIFAR setting, with lr=0.001)
+    tent_optimizer: Literal["sgd", "adam"] = "sgd"
     limit: int | None = setting(None, ge=1)  # first N test images of each corruption (in the seeded order)
     # SAR's imbalanced label stream of this imbalance ratio (SAR's default 500000: almost class order;
     # 1: uniform), 2 x the images long; null: the seeded order. Not with protocol mixed (nor in SAR)

@@ -2,7 +2,9 @@
 
 At test time, per batch: predict, and take one optimizer step on the mean prediction entropy of that
 same forward pass, updating only the affine parameters of the normalization layers. Facts from the
-paper and its reference implementation (DequanWang/tent): SGD with momentum 0.9; BatchNorm layers
+paper and its reference implementation (DequanWang/tent): SGD with momentum 0.9 (its ImageNet setting;
+its CIFAR setting, ``cfgs/tent.yaml``, is Adam, lr 1e-3, betas (0.9, 0.999), no weight decay, batches of
+200: ``optimizer="adam"``); BatchNorm layers
 normalise with the test batch's statistics (no running averages); the rest of the network stays in
 eval mode, so dropout and drop path are off. For ViTs the norms are LayerNorms (their statistics are
 per token already); the lr rule for ViTs, (0.001 / 64) x batch size, is SAR's (mr-eggplant/SAR, used
@@ -30,9 +32,15 @@ class Tent(Adapter):
 
     name = "tent"
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, steps: int = 1):
+    def __init__(
+        self, model: nn.Module, lr: float, momentum: float = 0.9, steps: int = 1, optimizer: str = "sgd"
+    ):
         params = adapted_norms(model)
-        super().__init__(model, params, torch.optim.SGD(params, lr=lr, momentum=momentum))
+        if optimizer == "adam":  # the reference's CIFAR setting (betas: its BETA and torch's default)
+            step = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        else:
+            step = torch.optim.SGD(params, lr=lr, momentum=momentum)
+        super().__init__(model, params, step)
         self.steps = steps
 
     @torch.enable_grad()
