@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from tta_tables import error_table  # a sibling script: benchmarks/ is on sys.path when run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,18 +51,6 @@ def finetune_table(runs: dict[str, list[dict]]) -> list[str]:
         lines.append(
             f"| {name} | " + " | ".join(f"{by_epoch[e]:.2f}" if e in by_epoch else "-" for e in epochs) + " |"
         )
-    return lines
-
-
-def tta_table(runs: dict[str, dict]) -> list[str]:
-    """One row per (classifier, method); the classifiers adapt on the same corrupted images."""
-    names = next(iter(runs.values()))["corruptions"]
-    head = "| classifier | method | " + " | ".join(names) + " | mean |"
-    lines = [head, "|---|---|" + "---|" * (len(names) + 1)]
-    for model, results in runs.items():
-        for r in results["results"]:
-            errors = " | ".join(f"{r['errors'][n]:.2f}" for n in names)
-            lines.append(f"| {model} | {r['method']} | {errors} | {r['mean_error']:.2f} |")
     return lines
 
 
@@ -106,7 +95,7 @@ def tables(runs: Path) -> str:
         "",
         f"Test-time adaptation, top-1 error (%), {tta['MoCo v3 ViT (LayerNorm)']['title'].split(': ', 1)[-1]}:",
         "",
-        *tta_table(tta),
+        *error_table(tta),  # tta_tables.py's, one row per (classifier, method)
         "",
         "Deployment (compress):",
         "",
